@@ -1,0 +1,223 @@
+"""Batched block-diffusion generation over the KV cache (spec §4).
+
+Blocks are decoded left to right. A prompt's whole blocks are committed to the cache first; its tail
+(len % L' tokens) sits clean at the start of the first noisy block. Rows with shorter prompts are
+left-padded by whole blocks, so every row's blocks line up and one forward serves the batch. Inside a
+block the chosen sampler reveals tokens until none is masked; then one commit pass stores the clean block.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import BD3LM
+from .noise import Generators, per_row
+from .sampling import ddpm_step, first_hitting_step, threshold_step
+
+ALGORITHMS = ("first_hitting", "ddpm", "threshold")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    algorithm: str = "first_hitting"
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    steps: int | None = None  # DDPM: grid points per block (default: the block size)
+    threshold: float = 0.9  # threshold sampler: reveal every token at least this probable
+    stop_at_eos: bool = True
+    entropy_stop: float | None = None  # stop a row whose last `entropy_window` tokens fall below this (nats)
+    entropy_window: int = 256
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold!r}")
+        if self.entropy_window < 1:
+            raise ValueError(f"entropy_window must be positive, got {self.entropy_window!r}")
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)  # generated tokens, prompt excluded, EOS excluded
+    reveal_steps: list[int] = field(default_factory=list)  # per token: this row's denoising step (1-based)
+    finish_reason: str = "length"  # "length" | "eos" | "entropy"
+    denoise_steps: int = 0  # denoising forward passes this row took part in while it had masks
+
+
+@dataclass
+class GenerateOutput:
+    generations: list[Generation]
+    denoise_passes: int  # batched forward passes over noisy blocks
+    commit_passes: int  # batched forward passes that stored clean blocks (prompt prefill included)
+
+    @property
+    def forward_passes(self) -> int:
+        return self.denoise_passes + self.commit_passes
+
+
+def unigram_entropy(tokens: Sequence[int]) -> float:
+    counts = Counter(tokens)
+    n = len(tokens)
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+class _Batch:
+    """The rows still decoding: their current block, positions and bookkeeping."""
+
+    def __init__(self, model: BD3LM, prompts: Sequence[Sequence[int]], generators: list[torch.Generator]):
+        cfg, dev = model.config, model.device
+        self.size, self.mask_id = cfg.block_size, cfg.mask_id
+        whole = [len(p) // self.size for p in prompts]
+        self.rows = list(range(len(prompts)))  # original index of each live row
+        self.generators = generators
+        self.cache = model.new_cache(len(prompts))
+        self.block = torch.full((len(prompts), self.size), self.mask_id, dtype=torch.long, device=dev)
+        self.start = torch.tensor([w * self.size for w in whole], device=dev)  # block's first position
+        self.first_gen = [len(p) - w * self.size for p, w in zip(prompts, whole)]  # tail length
+        for r, (p, w) in enumerate(zip(prompts, whole)):
+            self.block[r, : self.first_gen[r]] = torch.tensor(p[w * self.size :], dtype=torch.long)
+        self.prefill = self._prefill_inputs(prompts, whole, dev)
+
+    def _prefill_inputs(self, prompts, whole, dev):
+        n = max(whole) * self.size
+        if n == 0:
+            return None
+        ids = torch.full((len(prompts), n), self.mask_id, dtype=torch.long, device=dev)
+        valid = torch.zeros(len(prompts), n, dtype=torch.bool, device=dev)
+        positions = torch.zeros(len(prompts), n, dtype=torch.long, device=dev)
+        for r, (p, w) in enumerate(zip(prompts, whole)):
+            pad = n - w * self.size
+            ids[r, pad:] = torch.tensor(p[: w * self.size], dtype=torch.long)
+            valid[r, pad:] = True
+            positions[r, pad:] = torch.arange(w * self.size, device=dev)
+        return ids, positions, valid
+
+    def positions(self) -> torch.Tensor:
+        return self.start[:, None] + torch.arange(self.size, device=self.start.device)  # (B, L')
+
+    def keep(self, live: list[int]) -> None:
+        if len(live) == len(self.rows):
+            return
+        idx = torch.tensor(live, dtype=torch.long, device=self.block.device)
+        self.rows = [self.rows[i] for i in live]
+        self.generators = [self.generators[i] for i in live]
+        self.cache.select_rows(idx)
+        self.block, self.start = self.block[idx], self.start[idx]
+        self.first_gen = [self.first_gen[i] for i in live]
+
+
+@torch.no_grad()
+def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConfig, generators: Generators,
+             eos_id: int | None = None) -> GenerateOutput:
+    """Generate a continuation of every prompt (lists of token ids). One generator per row makes each
+    row's result independent of the batch; a single generator is shared in row order."""
+    if not prompts:
+        return GenerateOutput([], 0, 0)
+    cfg = model.config
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size or t == cfg.mask_id]
+        if bad:
+            raise ValueError(f"prompt token {bad[0]} is outside the vocabulary or is the mask id")
+    batch = _Batch(model, prompts, per_row(generators, len(prompts)))
+    out = [Generation() for _ in prompts]
+    commits = 0
+    if batch.prefill is not None:
+        ids, positions, valid = batch.prefill
+        model.commit(ids, positions, batch.cache, valid)
+        commits += 1
+    denoise = 0
+    while batch.rows:
+        passes, reveal_step = _denoise_block(model, batch, config, out)
+        denoise += passes
+        live = _collect(batch, reveal_step, prompts, config, out, eos_id)
+        batch.keep(live)
+        if not batch.rows:
+            break
+        model.commit(batch.block, batch.positions(), batch.cache)
+        commits += 1
+        batch.start = batch.start + batch.size
+        batch.block.fill_(batch.mask_id)
+        batch.first_gen = [0] * len(batch.rows)
+    return GenerateOutput(out, denoise, commits)
+
+
+def _denoise_block(model: BD3LM, batch: _Batch, config: SamplerConfig, out: list[Generation]
+                   ) -> tuple[int, torch.Tensor]:
+    """Reveal every masked token of the current block -> (forward passes, (B, L') step of each reveal)."""
+    kw = dict(mask_id=batch.mask_id, temperature=config.temperature, top_p=config.top_p)
+    steps = config.steps or batch.size
+    passes, grid_i, logits = 0, 0, None
+    # DDPM caching: the network ignores t, so a row's logits change only when its block does.
+    stale = torch.ones(len(batch.rows), dtype=torch.bool, device=batch.block.device)
+    reveal_step = torch.zeros_like(batch.block)
+    while True:
+        masked = batch.block == batch.mask_id
+        needs = masked.any(dim=1) & stale
+        if not masked.any():
+            break
+        if needs.any():
+            logits = model.denoise(batch.block, batch.positions(), batch.cache)
+            passes += 1
+            for r in needs.nonzero().flatten().tolist():
+                out[batch.rows[r]].denoise_steps += 1
+        if config.algorithm == "first_hitting":
+            reveal, tokens = first_hitting_step(logits, masked, batch.generators, **kw)
+        elif config.algorithm == "threshold":
+            reveal, tokens = threshold_step(logits, masked, batch.generators, threshold=config.threshold, **kw)
+        else:
+            t, s = 1 - grid_i / steps, 1 - (grid_i + 1) / steps
+            grid_i += 1
+            reveal, tokens = ddpm_step(logits, masked, batch.generators, t=t, s=s, **kw)
+        if config.algorithm == "ddpm":
+            stale = reveal.any(dim=1)
+        batch.block[reveal] = tokens[reveal]
+        step_now = torch.tensor([out[r].denoise_steps for r in batch.rows], device=reveal.device)
+        reveal_step[reveal] = step_now[:, None].expand_as(reveal)[reveal]
+    return passes, reveal_step
+
+
+def _collect(batch: _Batch, reveal_step: torch.Tensor, prompts, config: SamplerConfig, out: list[Generation],
+             eos_id: int | None) -> list[int]:
+    """Append the finished block to each row's output; returns the rows that go on."""
+    live = []
+    for r, orig in enumerate(batch.rows):
+        g = out[orig]
+        new = batch.block[r, batch.first_gen[r] :].tolist()
+        steps = reveal_step[r, batch.first_gen[r] :].tolist()
+        hit_eos = config.stop_at_eos and eos_id is not None and eos_id in new
+        if hit_eos:
+            cut = new.index(eos_id)
+            new, steps = new[:cut], steps[:cut]
+        g.tokens += new
+        g.reveal_steps += steps
+        n, cap = len(g.tokens), config.max_new_tokens
+        if n > cap or (n == cap and not hit_eos):
+            del g.tokens[cap:], g.reveal_steps[cap:]
+            g.finish_reason = "length"
+        elif hit_eos:
+            g.finish_reason = "eos"
+        elif config.entropy_stop is not None and _degenerate(list(prompts[orig]) + g.tokens, config):
+            g.finish_reason = "entropy"
+        else:
+            live.append(r)
+    return live
+
+
+def _degenerate(history: list[int], config: SamplerConfig) -> bool:
+    window = config.entropy_window
+    return len(history) >= window and unigram_entropy(history[-window:]) < config.entropy_stop

@@ -1,0 +1,62 @@
+"""The masking process, the SUBS parameterisation and the draw of noise levels (spec §3.1–3.2).
+
+Log-linear schedule: a token is masked with probability t (α_t = 1 − t), and its loss weight is 1/t.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+NEG_INF = -1e6  # the reference's "minus infinity" for log-probs; finite so 0 · NEG_INF stays 0
+
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def per_row(generators: Generators, rows: int) -> list[torch.Generator]:
+    """One generator per row. A single generator is shared (results then depend on the batch)."""
+    if isinstance(generators, torch.Generator):
+        return [generators] * rows
+    if len(generators) != rows:
+        raise ValueError(f"got {len(generators)} generators for {rows} rows")
+    return list(generators)
+
+
+def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS: never predict the mask; observed tokens are carried over with log-prob 0.
+
+    logits (B, T, V) -> log-probs (B, T, V) in fp32.
+    """
+    logits = logits.float().clone()
+    logits[..., mask_id] += NEG_INF
+    logp = torch.log_softmax(logits, dim=-1)
+    observed = x_t != mask_id  # (B, T)
+    carry = torch.full_like(logp, NEG_INF).scatter_(-1, x_t[..., None], 0.0)
+    return torch.where(observed[..., None], carry, logp)
+
+
+def sample_t(n_blocks: int, samples: int, generator: torch.Generator, *, eps_min: float = 1e-3,
+             eps_max: float = 1.0, antithetic: bool = True) -> torch.Tensor:
+    """Noise levels (samples, n_blocks) for one sequence, uniform on [eps_min, eps_max].
+
+    Antithetic: the samples × n_blocks draws take one stratum of [0, 1) each. The strata are dealt out by
+    a random permutation, so that each block's t stays marginally uniform (fixed strata, as in the
+    reference code, would give block b a biased range of t).
+    """
+    n = samples * n_blocks
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    if antithetic:
+        u = (u + torch.randperm(n, generator=generator).double()) / n
+    t = eps_min + (eps_max - eps_min) * u
+    return t.view(samples, n_blocks).float()
+
+
+def mask_tokens(x_0: torch.Tensor, t_tok: torch.Tensor, eligible: torch.Tensor, mask_id: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """Mask each eligible token independently with probability t (its block's noise level)."""
+    u = torch.rand(x_0.shape, generator=generator, dtype=torch.float64)
+    return torch.where(eligible & (u < t_tok.double()), torch.full_like(x_0, mask_id), x_0)

@@ -1,0 +1,76 @@
+import torch
+
+from bd3_plugin.sampling import (ddpm_step, draw_tokens, first_hitting_step, nucleus_filter, threshold_step,
+                                 token_probs)
+
+
+def naive_nucleus(p: list[float], top_p: float) -> list[float]:
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    kept, total = [], 0.0
+    for rank, i in enumerate(order):
+        total += p[i]
+        if total <= top_p or rank == 0:
+            kept.append(i)
+    z = sum(p[i] for i in kept)
+    return [p[i] / z if i in kept else 0.0 for i in range(len(p))]
+
+
+def test_nucleus_excludes_the_crossing_token():
+    gen = torch.Generator().manual_seed(0)
+    for top_p in (0.3, 0.5, 0.9, 0.99):
+        p = torch.softmax(torch.randn(6, 10, generator=gen, dtype=torch.float64) * 2, -1)
+        got = nucleus_filter(p, top_p)
+        for row in range(6):
+            assert torch.allclose(got[row], torch.tensor(naive_nucleus(p[row].tolist(), top_p), dtype=torch.float64))
+    assert torch.equal(nucleus_filter(torch.tensor([[0.5, 0.3, 0.2]]), 0.5), torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+def test_gumbel_draws_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1], dtype=torch.float64)
+    n = 40000
+    draws = draw_tokens(probs.expand(n, 4), torch.Generator().manual_seed(1), greedy=False)
+    freq = torch.bincount(draws, minlength=4).double() / n
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() < 4 * sigma).all(), freq
+
+
+def test_token_probs_never_give_the_mask():
+    logits = torch.zeros(3, 5)
+    logits[:, 4] = 50.0  # the mask id is the most likely logit
+    p = token_probs(logits, mask_id=4, temperature=0.5, top_p=1.0)
+    assert (p[:, 4] == 0).all() and torch.allclose(p.sum(-1), torch.ones(3, dtype=torch.float64))
+
+
+def test_first_hitting_reveals_one_uniform_position():
+    logits = torch.randn(2, 4, 9, generator=torch.Generator().manual_seed(2))
+    masked = torch.tensor([[True, True, False, True], [False, False, False, False]])
+    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    counts = torch.zeros(4)
+    for _ in range(3000):
+        reveal, tokens = first_hitting_step(logits, masked, gens, mask_id=8, temperature=1.0, top_p=1.0)
+        assert reveal[0].sum() == 1 and not reveal[1].any() and not (reveal & ~masked).any()
+        assert (tokens[reveal] != 8).all()
+        counts += reveal[0].float()
+    assert counts[2] == 0 and ((counts[[0, 1, 3]] / 3000 - 1 / 3).abs() < 0.035).all(), counts
+
+
+def test_ddpm_step_reveal_rate_and_final_step():
+    logits = torch.randn(1, 16, 9, generator=torch.Generator().manual_seed(5))
+    masked = torch.ones(1, 16, dtype=torch.bool)
+    gen = [torch.Generator().manual_seed(6)]
+    rate = sum(ddpm_step(logits, masked, gen, t=0.8, s=0.6, mask_id=8, temperature=1.0, top_p=1.0)[0].sum().item()
+               for _ in range(500)) / (500 * 16)
+    assert abs(rate - 0.25) < 0.02
+    reveal, tokens = ddpm_step(logits, masked, gen, t=0.1, s=0.0, mask_id=8, temperature=1.0, top_p=1.0)
+    assert reveal.all() and (tokens != 8).all()
+
+
+def test_threshold_step():
+    logits = torch.full((2, 4, 6), -5.0)
+    logits[0, 0, 2] = logits[0, 2, 3] = 10.0  # two confident positions in row 0, none in row 1
+    logits[1, 1, 1] = 1.0
+    masked = torch.ones(2, 4, dtype=torch.bool)
+    gens = [torch.Generator().manual_seed(7)] * 2
+    reveal, tokens = threshold_step(logits, masked, gens, threshold=0.9, mask_id=5, temperature=0.0, top_p=1.0)
+    assert reveal[0].tolist() == [True, False, True, False] and tokens[0, 0] == 2 and tokens[0, 2] == 3
+    assert reveal[1].tolist() == [False, True, False, False] and tokens[1, 1] == 1  # the most confident one
