@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ class UsageError(ValueError):
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint folder or Hugging Face hub id")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="checkpoint folder or Hugging Face hub id (default: the bundled tiny-bd3-L4)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
 
@@ -32,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(info)
     info.add_argument("--json", action="store_true")
 
-    nelbo = sub.add_parser("nelbo", help="NELBO (an upper bound on the NLL) of a text file")
+    nelbo = sub.add_parser("nelbo", help="NELBO (an upper bound on the NLL) of a text")
     _add_checkpoint(nelbo)
-    nelbo.add_argument("--text-file", required=True, type=Path)
+    nelbo.add_argument("--text-file", type=Path,
+                       help="text to score (default: the bundled held-out documents of the synthetic language, "
+                            "reported next to their exact NLL)")
+    nelbo.add_argument("--lines", action="store_true", help="each non-empty line is a document ending in EOS")
     nelbo.add_argument("--mc-samples", type=int, default=1, help="Monte Carlo samples of t (default 1)")
     nelbo.add_argument("--seed", type=int, default=0)
     nelbo.add_argument("--batch-size", type=int, default=8)
@@ -52,7 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-samples", type=int, default=1)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--json", action="store_true")
+    add_train_parser(sub)
     return parser
+
+
+def add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train a BD3-LM on the synthetic language or a text file")
+    train.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    train.add_argument("--block-size", required=True, type=int)
+    train.add_argument("--data", default="synthetic", help="'synthetic' or a text file")
+    train.add_argument("--tokenizer", type=Path, help="tokenizer folder (for a text file)")
+    train.add_argument("--n-docs", type=int, default=30000, help="synthetic training documents")
+    for name, default in (("model-length", 128), ("hidden-dim", 128), ("n-heads", 4), ("n-blocks", 4),
+                          ("cond-dim", 64), ("steps", 1200), ("batch-size", 32), ("warmup", 100),
+                          ("seed", 0), ("save-every", 200)):
+        train.add_argument(f"--{name}", type=int, default=default)
+    for name, default in (("lr", 1e-3), ("ema", 0.999), ("eps-min", 1e-3), ("eps-max", 1.0)):
+        train.add_argument(f"--{name}", type=float, default=default)
+    train.add_argument("--resample", action="store_true", help="resample blocks outside [eps-min, eps-max]")
+    train.add_argument("--resume", action="store_true", help="continue from the folder's trainer state")
+    train.add_argument("--device", default="cpu")
+
+
+def _checkpoint_arg(args) -> str:
+    if args.checkpoint is not None:
+        return args.checkpoint
+    from .tinyworld import checkpoint_path
+
+    return str(checkpoint_path())
 
 
 def _load(args):
@@ -60,13 +92,13 @@ def _load(args):
 
     from .checkpoint import load_checkpoint
 
-    return load_checkpoint(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+    return load_checkpoint(_checkpoint_arg(args), device=args.device, dtype=getattr(torch, args.dtype))
 
 
 def cmd_info(args) -> dict:
     from .checkpoint import read_config, resolve
 
-    folder = resolve(args.checkpoint)
+    folder = resolve(_checkpoint_arg(args))
     cfg = read_config(folder)
     files = sorted(p.name for p in folder.iterdir())
     info = {"path": str(folder), **cfg.to_dict(), "mask_id": cfg.mask_id, "head_dim": cfg.head_dim, "files": files}
@@ -77,22 +109,35 @@ def cmd_info(args) -> dict:
 
 
 def cmd_nelbo(args) -> dict:
-    from .scoring import score_stream
+    from .scoring import report, score_documents
+    from .tinyworld import HELDOUT, read_heldout, true_nll_per_token
 
-    if not args.text_file.is_file():
-        raise UsageError(f"no such text file: {args.text_file}")
-    text = args.text_file.read_text()
-    if not text.strip():
-        raise UsageError(f"{args.text_file} is empty")
+    truth = None
+    if args.text_file is None:
+        heldout = read_heldout(HELDOUT)
+        texts, lines, truth = [d.text for d in heldout], True, true_nll_per_token(heldout)
+    else:
+        if not args.text_file.is_file():
+            raise UsageError(f"no such text file: {args.text_file}")
+        text = args.text_file.read_text()
+        texts, lines = ([t for t in text.splitlines() if t.strip()] if args.lines else [text]), args.lines
+        if not "".join(texts).strip():
+            raise UsageError(f"{args.text_file} is empty")
     ckpt = _load(args)
-    ids = ckpt.encode(text)
-    report = score_stream(ckpt.model, ids, bos_id=ckpt.tokenizer.bos_token_id, mc_samples=args.mc_samples,
-                          seed=args.seed, batch_size=args.batch_size, progress=not args.json)
-    out = report.as_dict()
+    eos = [ckpt.eos_id] if lines and ckpt.eos_id is not None else []
+    docs = [ckpt.encode(t) + eos for t in texts]
+    per_doc = score_documents(ckpt.model, docs, bos_id=ckpt.tokenizer.bos_token_id, mc_samples=args.mc_samples,
+                              seed=args.seed, batch_size=args.batch_size, progress=not args.json)
+    rep = report(per_doc, sum(len(d) for d in docs))
+    out = rep.as_dict() | {"documents": len(docs), "block_size": ckpt.config.block_size}
+    if truth is not None:
+        out |= {"true_nll_per_token": truth, "true_ppl": math.exp(truth)}
     if not args.json:
-        err = f" ± {report.mc_stderr:.4f}" if report.mc_stderr is not None else ""
-        print(f"tokens {report.tokens}  NLL bound {report.nll_per_token:.4f}{err} nats/token  "
-              f"perplexity ≤ {report.ppl_bound:.3f}  ({report.mc_samples} MC sample(s))")
+        err = f" ± {rep.mc_stderr:.4f}" if rep.mc_stderr is not None else ""
+        print(f"{len(docs)} documents, {rep.tokens} tokens  NLL bound {rep.nll_per_token:.4f}{err} nats/token  "
+              f"perplexity ≤ {rep.ppl_bound:.3f}  ({rep.mc_samples} MC sample(s), L'={ckpt.config.block_size})")
+        if truth is not None:
+            print(f"exact NLL of the source {truth:.4f} nats/token  perplexity {math.exp(truth):.3f}")
     return out
 
 
@@ -124,7 +169,30 @@ def cmd_sample(args) -> dict:
     return out
 
 
-COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample}
+def cmd_train(args) -> dict:
+    from .train import TrainConfig, Trainer, training_data
+
+    tc = TrainConfig(block_size=args.block_size, model_length=args.model_length, hidden_dim=args.hidden_dim,
+                     n_heads=args.n_heads, n_blocks=args.n_blocks, cond_dim=args.cond_dim, steps=args.steps,
+                     batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema=args.ema,
+                     eps_min=args.eps_min, eps_max=args.eps_max, resample=args.resample, seed=args.seed,
+                     save_every=args.save_every)
+    rows, tokenizer = training_data(args.data, args.tokenizer, tc.model_length, args.n_docs)
+    tc.model_config(len(tokenizer), tokenizer.mask_token_id)  # validates the shapes before any work
+    if (args.out / "trainer_state.pt").exists() and not args.resume:
+        raise UsageError(f"{args.out} holds a training run; pass --resume to continue it")
+    trainer = Trainer(tc, rows, len(tokenizer), tokenizer.mask_token_id, args.out, tokenizer, args.device)
+    resumed = args.resume and trainer.resume()
+    start = time.perf_counter()
+    losses = trainer.run(progress=True)
+    tail = losses[-50:]
+    out = {"out": str(args.out), "steps": trainer.step, "resumed": bool(resumed), "rows": rows.shape[0],
+           "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+    print(f"saved {args.out} after {trainer.step} steps, loss {out['final_loss']:.4f}")
+    return out
+
+
+COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,21 +24,23 @@ class NoiseDraw:
 
 def draw_noise(x_0: torch.Tensor, eligible: torch.Tensor, block_size: int, mask_id: int,
                generators: Generators, *, samples: int = 1, eps_min: float = 1e-3, eps_max: float = 1.0,
-               antithetic: bool = True) -> NoiseDraw:
+               antithetic: bool = True, lengths: list[int] | None = None) -> NoiseDraw:
     """Draw `samples` noisy copies of every row of x_0 (B, L) -> rows ordered (b0 s0, b0 s1, …).
 
-    Each row uses only its own generator, so a row's draw does not depend on the rest of the batch.
+    Each row uses only its own generator and draws for its own length (right padding excluded), so a
+    row's draw does not depend on the rest of the batch.
     """
     b, n = x_0.shape
-    n_blocks = -(-n // block_size)
-    xs, ts = [], []
-    for row, gen in enumerate(per_row(generators, b)):
-        t = sample_t(n_blocks, samples, gen, eps_min=eps_min, eps_max=eps_max, antithetic=antithetic)
-        t_tok = t.repeat_interleave(block_size, dim=1)[:, :n]  # (samples, L)
-        x0_row = x_0[row].expand(samples, n)
-        xs.append(mask_tokens(x0_row.cpu(), t_tok, eligible[row].expand(samples, n).cpu(), mask_id, gen))
-        ts.append(t_tok)
-    return NoiseDraw(torch.cat(xs).to(x_0.device), torch.cat(ts).to(x_0.device))
+    lengths = [n] * b if lengths is None else lengths
+    x_t = x_0.repeat_interleave(samples, dim=0).cpu()
+    t_tok = torch.ones(b * samples, n)
+    for row, (gen, m) in enumerate(zip(per_row(generators, b), lengths)):
+        t = sample_t(-(-m // block_size), samples, gen, eps_min=eps_min, eps_max=eps_max, antithetic=antithetic)
+        rows = slice(row * samples, (row + 1) * samples)
+        t_tok[rows, :m] = t.repeat_interleave(block_size, dim=1)[:, :m]  # (samples, m)
+        x_t[rows, :m] = mask_tokens(x_0[row, :m].cpu().expand(samples, m), t_tok[rows, :m],
+                                    eligible[row, :m].cpu().expand(samples, m), mask_id, gen)
+    return NoiseDraw(x_t.to(x_0.device), t_tok.to(x_0.device))
 
 
 def terms_from_logits(logits: torch.Tensor, draw: NoiseDraw, x_0: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -86,7 +88,7 @@ def nelbo_samples(model: BD3LM, x_0: torch.Tensor, generators: Generators, *, el
         eligible[:, 0] = False
     eligible = eligible & valid
     draw = draw_noise(x_0, eligible, cfg.block_size, cfg.mask_id, generators, samples=samples,
-                      eps_min=eps_min, eps_max=eps_max, antithetic=antithetic)
+                      eps_min=eps_min, eps_max=eps_max, antithetic=antithetic, lengths=valid.sum(1).tolist())
     x0_rep = x_0.repeat_interleave(samples, dim=0)
     valid_rep = valid.repeat_interleave(samples, dim=0)
     forward = noisy_logits_vectorized if vectorized else noisy_logits_per_block

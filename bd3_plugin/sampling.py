@@ -37,13 +37,31 @@ def token_probs(logits: torch.Tensor, mask_id: int, temperature: float = 1.0, to
     return nucleus_filter(torch.softmax(logits / scale, dim=-1), top_p)
 
 
-def draw_tokens(probs: torch.Tensor, generator: torch.Generator, greedy: bool) -> torch.Tensor:
-    """One token per row of probs (n, V): argmax(p / E) with E ~ Exp(1) in float64, or argmax(p)."""
-    if greedy:
+def _row_draws(generators: list[torch.Generator], counts: list[int], width: int | None, device) -> torch.Tensor:
+    """Uniform float64 draws, `counts[r]` (× width) from row r's own generator, stacked in row order."""
+    shape = (lambda n: (n,)) if width is None else (lambda n: (n, width))
+    parts = [torch.rand(shape(n), generator=g, dtype=torch.float64) for g, n in zip(generators, counts) if n]
+    if not parts:
+        return torch.zeros(shape(0), dtype=torch.float64, device=device)
+    return torch.cat(parts).to(device)
+
+
+def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """One token per row of probs (n, V): argmax(p / E) with E = −log U ~ Exp(1) from float64 uniforms
+    (n, V), or argmax(p) when `uniforms` is None (greedy)."""
+    if uniforms is None:
         return probs.argmax(dim=-1)
-    u = torch.rand(probs.shape, generator=generator, dtype=torch.float64).to(probs.device)
-    noise = 1e-10 - torch.log(u + 1e-10)
+    noise = 1e-10 - torch.log(uniforms + 1e-10)
     return (probs / noise).argmax(dim=-1)
+
+
+def _propose(logits: torch.Tensor, where: torch.Tensor, generators: list[torch.Generator], mask_id: int,
+             temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens drawn at the (B, L') positions `where` (row-major order) and their probabilities (n, V)."""
+    probs = token_probs(logits[where], mask_id, temperature, top_p)  # (n, V)
+    greedy = temperature == 0
+    uniforms = None if greedy else _row_draws(generators, where.sum(1).tolist(), probs.shape[-1], probs.device)
+    return draw_tokens(probs, uniforms), probs
 
 
 def first_hitting_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
@@ -53,16 +71,15 @@ def first_hitting_step(logits: torch.Tensor, masked: torch.Tensor, generators: l
 
     logits (B, L', V), masked (B, L') -> reveal (B, L') bool, tokens (B, L').
     """
-    reveal = torch.zeros_like(masked)
+    count = masked.sum(dim=1)  # (B,)
+    live = count > 0
+    u = torch.zeros(masked.shape[0], dtype=torch.float64, device=masked.device)
+    u[live] = _row_draws(generators, live.long().tolist(), None, masked.device)
+    k = (u * count).floor().long()  # which masked slot, 0-based
+    rank = masked.long().cumsum(dim=1) - 1  # (B, L') rank of each masked slot
+    reveal = masked & (rank == k[:, None])
     tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
-    for row, gen in enumerate(generators):
-        candidates = masked[row].nonzero().flatten()
-        if candidates.numel() == 0:
-            continue
-        pos = candidates[torch.randint(candidates.numel(), (1,), generator=gen).item()]
-        probs = token_probs(logits[row, pos][None], mask_id, temperature, top_p)
-        tokens[row, pos] = draw_tokens(probs, gen, temperature == 0)[0]
-        reveal[row, pos] = True
+    tokens[reveal] = _propose(logits, reveal, generators, mask_id, temperature, top_p)[0]
     return reveal, tokens
 
 
@@ -70,20 +87,12 @@ def ddpm_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch
               s: float, mask_id: int, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior step from t to s < t: a masked token stays masked with probability s/t, else it takes a
     token from p_θ(x_0). At s = 0 every masked token is revealed."""
-    reveal = torch.zeros_like(masked)
-    tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
     p_reveal = 1.0 if s <= 0 else (t - s) / t
-    for row, gen in enumerate(generators):
-        candidates = masked[row].nonzero().flatten()
-        if candidates.numel() == 0:
-            continue
-        u = torch.rand(candidates.numel(), generator=gen, dtype=torch.float64)
-        chosen = candidates[(u < p_reveal).to(candidates.device)]
-        if chosen.numel() == 0:
-            continue
-        probs = token_probs(logits[row, chosen], mask_id, temperature, top_p)
-        tokens[row, chosen] = draw_tokens(probs, gen, temperature == 0)
-        reveal[row, chosen] = True
+    u = _row_draws(generators, masked.sum(dim=1).tolist(), None, masked.device)
+    reveal = torch.zeros_like(masked)
+    reveal[masked] = u < p_reveal
+    tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
+    tokens[reveal] = _propose(logits, reveal, generators, mask_id, temperature, top_p)[0]
     return reveal, tokens
 
 
@@ -92,22 +101,17 @@ def threshold_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Confidence-threshold parallel decoding: propose a token at every masked position and reveal those
     whose probability is ≥ threshold; when none is, reveal the single most confident one."""
-    reveal = torch.zeros_like(masked)
+    proposal, probs = _propose(logits, masked, generators, mask_id, temperature, top_p)
+    confidence = torch.full(masked.shape, -1.0, dtype=torch.float64, device=masked.device)
+    confidence[masked] = probs.gather(-1, proposal[:, None]).squeeze(-1)
     tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
-    for row, gen in enumerate(generators):
-        candidates = masked[row].nonzero().flatten()
-        if candidates.numel() == 0:
-            continue
-        probs = token_probs(logits[row, candidates], mask_id, temperature, top_p)  # (n, V)
-        proposal = draw_tokens(probs, gen, temperature == 0)
-        confidence = probs.gather(-1, proposal[:, None]).squeeze(-1)
-        sure = confidence >= threshold
-        if not sure.any():
-            # One position: the most confident, the leftmost among ties. Ties are judged with a tolerance,
-            # since positions that are equal in exact arithmetic (an all-mask block with no context) differ
-            # in the last bits between batch layouts, and the choice must not depend on the batch.
-            sure = confidence >= confidence.max() - _TIE
-            sure &= sure.cumsum(0) == 1
-        tokens[row, candidates[sure]] = proposal[sure]
-        reveal[row, candidates[sure]] = True
+    tokens[masked] = proposal
+    reveal = masked & (confidence >= threshold)
+    stuck = masked.any(dim=1) & ~reveal.any(dim=1)
+    # A stuck row reveals its most confident position, the leftmost among ties. Ties are judged with a
+    # tolerance: positions equal in exact arithmetic (an all-mask block with no context) differ in the last
+    # bits between batch layouts, and the choice must not depend on the batch.
+    best = masked & (confidence >= confidence.max(dim=1, keepdim=True).values - _TIE)
+    best &= best.long().cumsum(dim=1) == 1
+    reveal |= best & stuck[:, None]
     return reveal, tokens

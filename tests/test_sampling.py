@@ -28,7 +28,8 @@ def test_nucleus_excludes_the_crossing_token():
 def test_gumbel_draws_follow_the_distribution():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.1], dtype=torch.float64)
     n = 40000
-    draws = draw_tokens(probs.expand(n, 4), torch.Generator().manual_seed(1), greedy=False)
+    uniforms = torch.rand(n, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    draws = draw_tokens(probs.expand(n, 4), uniforms)
     freq = torch.bincount(draws, minlength=4).double() / n
     sigma = (probs * (1 - probs) / n).sqrt()
     assert ((freq - probs).abs() < 4 * sigma).all(), freq

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Rebuilds the tiny world shipped in bd3_plugin/: the held-out documents with their exact log-probs and
+# one checkpoint per block size, each trained by the one `bd3 train` command below (about 13 minutes on
+# 2 CPU cores). Training runs go to runs/ (resumable there); the checkpoint files are then copied in.
+#   bash scripts/build_tiny_world.sh [L ...]      # default: 1 4 16 128
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bd3=.venv/bin/bd3
+.venv/bin/python -c "from bd3_plugin.tinyworld import HELDOUT, write_heldout; write_heldout(HELDOUT, 400)"
+for L in "${@:-1 4 16 128}"; do
+    for size in $L; do
+        extra=()
+        # L' = 1 trains with full masking (t = 1): the AR objective, the tight end of the family.
+        [ "$size" = 1 ] && extra=(--eps-min 1 --eps-max 1)
+        $bd3 train --out "runs/tiny-bd3-L$size" --block-size "$size" --steps 1500 --n-docs 100000 \
+            --resume "${extra[@]}"
+        dest="bd3_plugin/checkpoints/tiny-bd3-L$size"
+        mkdir -p "$dest"
+        cp "runs/tiny-bd3-L$size"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$dest/"
+    done
+done

@@ -1,0 +1,81 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bd3_plugin.checkpoint import load_checkpoint, save_checkpoint
+from bd3_plugin.scoring import report, score_documents
+from helpers import random_model, tiny_config, word_tokenizer
+
+TEXT = "the cat sees a dog . the big dog runs over the tree , and a small bird sleeps . " * 3
+
+
+def bd3(*args):
+    return subprocess.run([sys.executable, "-m", "bd3_plugin.cli", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    save_checkpoint(random_model(), path, tokenizer=word_tokenizer())
+    return path
+
+
+def test_info(ckpt):
+    r = bd3("info", ckpt, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert (info["block_size"], info["model_length"], info["mask_id"]) == (4, 32, 22)
+    assert "model.safetensors" in info["files"] and "tokenizer.json" in info["files"]
+
+
+def test_nelbo_matches_the_library(ckpt, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    r = bd3("nelbo", ckpt, "--text-file", text, "--mc-samples", 3, "--seed", 4, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    c = load_checkpoint(ckpt)
+    ids = c.encode(TEXT)
+    expect = report(score_documents(c.model, [ids], bos_id=None, mc_samples=3, seed=4), len(ids))
+    assert out["tokens"] == len(ids) == 60
+    assert out["nll_per_token"] == pytest.approx(expect.nll_per_token, rel=1e-5)
+    assert out["ppl_bound"] == pytest.approx(torch.tensor(expect.nll_per_token).exp().item(), rel=1e-5)
+    assert out["mc_stderr"] > 0
+
+
+def test_sample(ckpt):
+    r = bd3("sample", ckpt, "--prompt", "the cat", "--max-new-tokens", 9, "--algorithm", "threshold",
+            "--num-samples", 2, "--seed", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    c = load_checkpoint(ckpt)
+    for s in out["samples"]:
+        assert s["text"] == c.decode(s["tokens"]) and 0 < len(s["tokens"]) <= 9
+    assert out["forward_passes"] == out["denoise_passes"] + out["commit_passes"]
+    again = json.loads(bd3("sample", ckpt, "--prompt", "the cat", "--max-new-tokens", 9, "--algorithm",
+                           "threshold", "--num-samples", 2, "--seed", 1, "--json").stdout)
+    assert again["samples"] == out["samples"]
+
+
+def _one_line_error(r, needle):
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bad_input_gives_one_line(ckpt, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    _one_line_error(bd3("nelbo", ckpt, "--text-file", tmp_path / "nope.txt"), "no such text file")
+    _one_line_error(bd3("nelbo", ckpt, "--text-file", empty), "is empty")
+    _one_line_error(bd3("info", tmp_path / "missing"), "no checkpoint folder")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _one_line_error(bd3("info", bad), "not a BD3-LM config")
+    (bad / "config.json").write_text(json.dumps(tiny_config().to_dict() | {"block_size": 5}))
+    _one_line_error(bd3("sample", bad), "block_size 5 does not divide model_length 32")
+    _one_line_error(bd3("sample", ckpt, "--top-p", 0), "top_p must lie in (0, 1]")

@@ -1,0 +1,48 @@
+import torch
+
+from bd3_plugin.scoring import report, score_documents, score_windows, windows
+from helpers import random_model, tiny_config
+
+
+def test_windows_score_every_token_once_with_context():
+    ids = list(range(100))
+    wins = windows(ids, 32, bos_id=7)
+    scored = [t for w in wins for t in w.ids[w.first :]]
+    assert scored == ids
+    assert wins[0].ids[0] == 7 and wins[0].first == 1
+    assert all(len(w.ids) <= 32 for w in wins) and all(w.first >= 16 for w in wins[1:])
+    assert windows([5, 6], 32, bos_id=None)[0].first == 0
+
+
+def test_block_size_one_scores_long_documents_exactly():
+    """With L' = 1 the windowed bound is the exact AR NLL under each window's context."""
+    model = random_model(tiny_config(block_size=1, model_length=16))
+    mask_id = model.config.mask_id
+    doc = torch.randint(0, 20, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    total = score_documents(model, [doc], bos_id=21, mc_samples=1).item()
+    expect = 0.0
+    for w in windows(doc, 16, bos_id=21):
+        for i in range(w.first, len(w.ids)):
+            view = torch.tensor([w.ids[:i] + [mask_id]])
+            with torch.no_grad():
+                logits = model(view)[0, -1].double()
+            logits[mask_id] = -float("inf")
+            expect -= torch.log_softmax(logits, -1)[w.ids[i]].item()
+    assert abs(total - expect) < 1e-3 * abs(expect)
+
+
+def test_scores_do_not_depend_on_batching_or_neighbours():
+    model = random_model()
+    gen = torch.Generator().manual_seed(1)
+    docs = [torch.randint(0, 20, (n,), generator=gen).tolist() for n in (5, 40, 17, 3, 70)]
+    all_at_once = score_documents(model, docs, bos_id=21, mc_samples=3, seed=9, batch_size=16)
+    one_by_one = torch.cat([score_documents(model, [d], bos_id=21, mc_samples=3, seed=9, batch_size=1) for d in docs])
+    reversed_ = score_documents(model, docs[::-1], bos_id=21, mc_samples=3, seed=9, batch_size=2).flip(0)
+    assert torch.allclose(all_at_once, one_by_one, rtol=1e-5) and torch.allclose(all_at_once, reversed_, rtol=1e-5)
+    assert (all_at_once[:, 0] != all_at_once[:, 1]).all()  # the samples differ
+
+
+def test_report_pools_documents():
+    per_doc = torch.tensor([[2.0, 4.0], [6.0, 8.0]], dtype=torch.float64)
+    r = report(per_doc, tokens=4)
+    assert r.nll_per_token == 2.5 and r.mc_samples == 2 and abs(r.mc_stderr - 0.5) < 1e-12
