@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-samples", type=int, default=1)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--json", action="store_true")
+    world = sub.add_parser("world", help="the tiny world's table: bounds per block size against the exact "
+                                         "entropy, and sample validity")
+    world.add_argument("--mc-samples", type=int, default=4)
+    world.add_argument("--samples", type=int, default=64, help="sampled documents per checkpoint and sampler")
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--json", action="store_true")
     add_train_parser(sub)
     return parser
 
@@ -192,7 +198,21 @@ def cmd_train(args) -> dict:
     return out
 
 
-COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample, "train": cmd_train}
+def cmd_world(args) -> dict:
+    from .tinyworld import HELDOUT, bundled_checkpoints, read_heldout
+    from .world_report import as_dicts, markdown, world_rows
+
+    if args.mc_samples < 1 or args.samples < 1:
+        raise UsageError("--mc-samples and --samples must be >= 1")
+    if not bundled_checkpoints():
+        raise UsageError("no bundled checkpoints found; run scripts/build_tiny_world.sh")
+    rows = world_rows(mc_samples=args.mc_samples, n_samples=args.samples, seed=args.seed, progress=not args.json)
+    if not args.json:
+        print(markdown(rows, args.mc_samples, args.samples, len(read_heldout(HELDOUT))))
+    return {"rows": as_dicts(rows)}
+
+
+COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample, "train": cmd_train, "world": cmd_world}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,19 +37,28 @@ class NelboReport:
         return asdict(self)
 
 
-def windows(ids: list[int], length: int, bos_id: int | None, doc: int = 0) -> list[Window]:
-    """Cover `ids` with windows. With a BOS id, it leads the first window as unscored context;
-    without one, the first token is scored with no context."""
-    full = ([bos_id] if bos_id is not None else []) + list(ids)
-    first = len(full) - len(ids)
-    out = [Window(full[:length], first, doc)]
-    done, stride = min(len(full), length), max(length // 2, 1)
+def windows(full: list[int], first: int, length: int, doc: int = 0) -> list[Window]:
+    """Cover the scored positions [first, len(full)) of `full` with windows of at most `length` tokens.
+
+    Each window keeps as much preceding text as clean context as fits, but never more than half a window
+    once there is that much, so that every window scores at least half a window of new tokens.
+    """
+    if not 0 <= first < len(full):
+        raise ValueError(f"nothing to score: scored region [{first}, {len(full)}) is empty")
+    out, done = [], first
     while done < len(full):
-        end = min(done + stride, len(full))
+        end = min(len(full), done + length - min(done, length // 2))
         start = max(end - length, 0)
         out.append(Window(full[start:end], done - start, doc))
         done = end
     return out
+
+
+def document_windows(ids: list[int], length: int, bos_id: int | None, doc: int = 0) -> list[Window]:
+    """A document's windows. With a BOS id, it leads as unscored context; without one, the first token is
+    scored with no context."""
+    full = ([bos_id] if bos_id is not None else []) + list(ids)
+    return windows(full, len(full) - len(ids), length, doc)
 
 
 def window_seed(seed: int, w: Window) -> int:
@@ -70,14 +79,39 @@ def score_windows(model: BD3LM, wins: list[Window], *, mc_samples: int = 1, seed
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
     eps_min, eps_max = eval_interval(model)
-    order = sorted(range(len(wins)), key=lambda i: -len(wins[i].ids))
     totals = torch.zeros(len(wins), mc_samples, dtype=torch.float64)
+    for idx, (x, valid, eligible) in _batches(wins, batch_size, model.device, progress, "nelbo"):
+        gens = seeded_generators([window_seed(seed, wins[i]) for i in idx])
+        terms = nelbo_samples(model, x, gens, eligible=eligible, valid=valid, samples=mc_samples,
+                              eps_min=eps_min, eps_max=eps_max)  # (b, K, n)
+        totals[idx] = terms.double().sum(dim=2).cpu()
+    return totals
+
+
+@torch.no_grad()
+def greedy_windows(model: BD3LM, wins: list[Window], *, batch_size: int = 8) -> list[bool]:
+    """Whether each window's scored tokens are all the model's argmax when they are all masked, every
+    block seeing the clean blocks before it. With L' = 1 this is exactly greedy AR decoding."""
+    out = [False] * len(wins)
+    mask_id = model.config.mask_id
+    for idx, (x, valid, eligible) in _batches(wins, batch_size, model.device, False, ""):
+        x_t = torch.where(eligible, torch.full_like(x, mask_id), x)
+        logits = model.forward_train(x_t, x, valid).float()
+        logits[..., mask_id] = -float("inf")
+        hit = (logits.argmax(-1) == x) | ~eligible
+        for r, i in enumerate(idx):
+            out[i] = bool(hit[r].all())
+    return out
+
+
+def _batches(wins: list[Window], batch_size: int, device, progress: bool, desc: str):
+    """Windows in batches of similar length (longest first): (indices, ids, valid, eligible) each."""
+    order = sorted(range(len(wins)), key=lambda i: -len(wins[i].ids))
     starts = range(0, len(order), batch_size)
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc="nelbo", unit="batch")
-    dev = model.device
+        starts = tqdm(starts, desc=desc, unit="batch")
     for start in starts:
         idx = order[start : start + batch_size]
         n = len(wins[idx[0]].ids)
@@ -89,11 +123,7 @@ def score_windows(model: BD3LM, wins: list[Window], *, mc_samples: int = 1, seed
             x[r, : len(w.ids)] = torch.tensor(w.ids)
             valid[r, : len(w.ids)] = True
             eligible[r, w.first : len(w.ids)] = True
-        gens = seeded_generators([window_seed(seed, wins[i]) for i in idx])
-        terms = nelbo_samples(model, x.to(dev), gens, eligible=eligible.to(dev), valid=valid.to(dev),
-                              samples=mc_samples, eps_min=eps_min, eps_max=eps_max)  # (b, K, n)
-        totals[idx] = terms.double().sum(dim=2).cpu()
-    return totals
+        yield idx, (x.to(device), valid.to(device), eligible.to(device))
 
 
 def score_documents(model: BD3LM, docs: list[list[int]], *, bos_id: int | None, mc_samples: int = 1,
@@ -101,7 +131,7 @@ def score_documents(model: BD3LM, docs: list[list[int]], *, bos_id: int | None, 
     """Per-document bound totals (D, K) in nats, one column per Monte Carlo sample."""
     if not docs or any(len(d) == 0 for d in docs):
         raise ValueError("nothing to score: a document has no tokens")
-    wins = [w for i, d in enumerate(docs) for w in windows(d, model.config.model_length, bos_id, i)]
+    wins = [w for i, d in enumerate(docs) for w in document_windows(d, model.config.model_length, bos_id, i)]
     per_window = score_windows(model, wins, mc_samples=mc_samples, seed=seed, batch_size=batch_size,
                                progress=progress)
     per_doc = torch.zeros(len(docs), mc_samples, dtype=torch.float64)

@@ -64,3 +64,43 @@ def true_nll_per_token(docs: list[HeldoutDoc]) -> float:
 
 def true_perplexity(docs: list[HeldoutDoc]) -> float:
     return math.exp(true_nll_per_token(docs))
+
+
+MC_SEED = 11
+
+
+def mc_pairs(n_items: int = 200, seed: int = MC_SEED, margin: float = 1.0) -> list[dict]:
+    """Multiple-choice items: two documents of the same length; the answer is the more probable one
+    (by at least `margin` nats). Equal lengths keep the choice about probability, not length."""
+    import random
+
+    source = Source()
+    rng = random.Random(seed)
+    by_len: dict[int, list[tuple[list[str], float]]] = {}
+    items = []
+    while len(items) < n_items:
+        words = source.sample(rng)
+        lp = source.log_prob(words)
+        for other, other_lp in by_len.get(len(words), []):
+            if abs(lp - other_lp) >= margin and other != words:
+                by_len[len(words)].remove((other, other_lp))
+                pair = [(words, lp), (other, other_lp)]
+                rng.shuffle(pair)
+                items.append({"choices": [doc_text(w) for w, _ in pair],
+                              "logprobs": [p for _, p in pair], "label": int(pair[1][1] > pair[0][1])})
+                break
+        else:
+            by_len.setdefault(len(words), []).append((words, lp))
+    return items
+
+
+def generation_prompts(n_items: int = 100, prompt_words: int = 3) -> list[dict]:
+    """The first words of held-out documents, to be continued into a whole valid document."""
+    out = []
+    for d in read_heldout(HELDOUT):
+        words = d.text.split()
+        if len(words) > prompt_words + 2:
+            out.append({"prompt": " ".join(words[:prompt_words]), "reference": d.text})
+        if len(out) == n_items:
+            break
+    return out

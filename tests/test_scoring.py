@@ -1,17 +1,19 @@
 import torch
 
-from bd3_plugin.scoring import report, score_documents, score_windows, windows
+from bd3_plugin.scoring import document_windows, report, score_documents, windows
 from helpers import random_model, tiny_config
 
 
 def test_windows_score_every_token_once_with_context():
     ids = list(range(100))
-    wins = windows(ids, 32, bos_id=7)
+    wins = document_windows(ids, 32, bos_id=7)
     scored = [t for w in wins for t in w.ids[w.first :]]
     assert scored == ids
     assert wins[0].ids[0] == 7 and wins[0].first == 1
     assert all(len(w.ids) <= 32 for w in wins) and all(w.first >= 16 for w in wins[1:])
-    assert windows([5, 6], 32, bos_id=None)[0].first == 0
+    assert document_windows([5, 6], 32, bos_id=None)[0].first == 0
+    ctx = windows(list(range(50)), 45, 32)  # a long context is cut from the left, the continuation kept
+    assert len(ctx) == 1 and ctx[0].ids == list(range(18, 50)) and ctx[0].first == 27
 
 
 def test_block_size_one_scores_long_documents_exactly():
@@ -21,7 +23,7 @@ def test_block_size_one_scores_long_documents_exactly():
     doc = torch.randint(0, 20, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     total = score_documents(model, [doc], bos_id=21, mc_samples=1).item()
     expect = 0.0
-    for w in windows(doc, 16, bos_id=21):
+    for w in document_windows(doc, 16, bos_id=21):
         for i in range(w.first, len(w.ids)):
             view = torch.tensor([w.ids[:i] + [mask_id]])
             with torch.no_grad():

@@ -1,0 +1,139 @@
+"""The `bd3` lm-eval model type, through lm-eval's own Instance and CachingLM objects."""
+import math
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import CachingLM
+from lm_eval.api.registry import get_model
+
+from bd3_plugin.lm_eval_adapter import BD3ArgsError, BD3EvalLM
+from bd3_plugin.scoring import report, score_documents
+from bd3_plugin.synthetic import Source, text_words
+from bd3_plugin.tinyworld import HELDOUT, checkpoint_path, read_heldout
+
+HELDOUT_DOCS = read_heldout(HELDOUT)
+
+
+def ll_requests(pairs):
+    return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+
+
+@pytest.fixture(scope="module")
+def lm4():
+    return get_model("bd3").create_from_arg_string(f"pretrained={checkpoint_path(4)},mc_samples=2",
+                                                   {"batch_size": 8, "device": None})
+
+
+@pytest.fixture(scope="module")
+def lm1():
+    return BD3EvalLM(pretrained=str(checkpoint_path(1)), batch_size=8)
+
+
+def exact_ar_logprob(model, ctx: list[int], cont: list[int]) -> float:
+    """log p(cont | ctx) of an L' = 1 model, one forward per token with a mask in the token's slot."""
+    mask_id, total = model.config.mask_id, 0.0
+    for i, tok in enumerate(cont):
+        view = torch.tensor([ctx + cont[:i] + [mask_id]])
+        with torch.no_grad():
+            logits = model(view)[0, -1].double()
+        logits[mask_id] = -float("inf")
+        total += torch.log_softmax(logits, -1)[tok].item()
+    return total
+
+
+def test_block_size_one_gives_the_exact_ar_logprob(lm1):
+    pairs = [("the old cow", " sleeps . <eos>"), ("", "a ship runs ."), ("some wolves", " follow the owl")]
+    got = lm1.loglikelihood(ll_requests(pairs), disable_tqdm=True)
+    for (ctx, cont), (ll, _) in zip(pairs, got):
+        ctx_ids = lm1.tok_encode(ctx) or [lm1.eot_token_id]
+        expect = exact_ar_logprob(lm1.model, ctx_ids, lm1.tok_encode(cont))
+        assert math.isclose(ll, expect, rel_tol=1e-4), (ctx, cont, ll, expect)
+
+
+def test_is_greedy_at_block_size_one_is_the_ar_argmax(lm1):
+    ctx = lm1.tok_encode("the old cow")
+    with torch.no_grad():
+        logits = lm1.model(torch.tensor([ctx + [lm1.model.config.mask_id]]))[0, -1]
+    logits[lm1.model.config.mask_id] = -float("inf")
+    best, other = logits.argsort(descending=True)[:2].tolist()
+    words = lm1.tokenizer.convert_ids_to_tokens([best, other])
+    got = lm1.loglikelihood(ll_requests([("the old cow", " " + words[0]), ("the old cow", " " + words[1])]),
+                            disable_tqdm=True)
+    assert [g for _, g in got] == [True, False]
+
+
+def test_bound_is_below_the_exact_logprob_on_average(lm4):
+    docs = HELDOUT_DOCS[:120]
+    got = lm4.loglikelihood(ll_requests([("", d.text + " <eos>") for d in docs]), disable_tqdm=True)
+    mean_bound = sum(ll for ll, _ in got) / len(docs)
+    mean_exact = sum(d.logprob for d in docs) / len(docs)
+    per_doc = torch.tensor([ll - d.logprob for (ll, _), d in zip(got, docs)])
+    assert mean_bound <= mean_exact + 3 * per_doc.std().item() / math.sqrt(len(docs))
+
+
+def test_scores_do_not_depend_on_batch_or_order(lm4):
+    pairs = [("", d.text + " <eos>") for d in HELDOUT_DOCS[:32]]
+    target = ("the old cow", " sleeps near a barn .")
+    alone = lm4.loglikelihood(ll_requests([target]), disable_tqdm=True)[0]
+    in_batch = lm4.loglikelihood(ll_requests(pairs[:16] + [target] + pairs[16:]), disable_tqdm=True)[16]
+    reversed_ = lm4.loglikelihood(ll_requests([target] + pairs[::-1]), disable_tqdm=True)[0]
+    assert alone == pytest.approx(in_batch, rel=1e-6) and alone == pytest.approx(reversed_, rel=1e-6)
+
+
+def test_rolling_adds_window_bounds(lm4):
+    long_doc = " ".join(d.text for d in HELDOUT_DOCS[:12])  # several windows of 128 tokens
+    ids = lm4.tok_encode(long_doc)
+    assert len(ids) > 300
+    got = lm4.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long_doc,), 0)], disable_tqdm=True)[0]
+    expect = -score_documents(lm4.model, [ids], bos_id=lm4.eot_token_id, mc_samples=2, seed=1234).mean().item()
+    assert got == pytest.approx(expect, rel=1e-6)
+
+
+def test_generation_is_seeded_batched_and_stops(lm4):
+    reqs = [Instance("generate_until", {}, (p, {"until": ["."], "max_gen_toks": 40}), i)
+            for i, p in enumerate(["the old cow", "some ships", "a wolf"])]
+    out = lm4.generate_until(reqs, disable_tqdm=True)
+    again = lm4.generate_until(reqs[1:2], disable_tqdm=True)
+    assert out[1] == again[0] and all("." not in o for o in out)
+    source = Source()
+    assert sum(source.is_valid(text_words(r.args[0] + " " + o + " .")) for r, o in zip(reqs, out)) >= 2
+
+
+def test_bad_requests(lm4):
+    with pytest.raises(ValueError, match="empty continuation"):
+        lm4.loglikelihood(ll_requests([("the cow", "")]), disable_tqdm=True)
+    long_ctx = " ".join(["the old cow sleeps ."] * 40)  # 200 tokens > model_length 128
+    with pytest.warns(UserWarning, match="longer than model_length 128"):
+        ll = lm4.loglikelihood(ll_requests([(long_ctx, " the cow sleeps .")]), disable_tqdm=True)[0][0]
+    tail = lm4.tokenizer.decode(lm4.tok_encode(long_ctx)[-(128 - 4):])  # documented: the context's last tokens
+    assert ll == pytest.approx(lm4.loglikelihood(ll_requests([(tail, " the cow sleeps .")]), disable_tqdm=True)[0][0])
+    for args, needle in [("mc_sample=2", "unknown key(s) mc_sample"), ("mc_samples=0", "mc_samples must be"),
+                         ("algorithm=beam", "algorithm must be one of"), ("block_size=5", "block_size 5 does not divide"),
+                         ("", "pretrained=PATH_OR_HUB_ID is required")]:
+        arg_string = f"pretrained={checkpoint_path(4)},{args}" if "pretrained" not in needle else args
+        with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            BD3EvalLM.create_from_arg_string(arg_string)
+    assert issubclass(BD3ArgsError, ValueError)
+
+
+def test_use_cache_resumes_a_killed_run(tmp_path, lm4, monkeypatch):
+    pairs = [("", d.text + " <eos>") for d in HELDOUT_DOCS[:100]]  # two chunks of 64
+    calls = []
+    real = BD3EvalLM._score
+
+    def dying(self, wins, n):
+        calls.append(n)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed while the second chunk is scored
+        return real(self, wins, n)
+
+    monkeypatch.setattr(BD3EvalLM, "_score", dying)
+    cached = CachingLM(lm4, str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):
+        cached.loglikelihood(ll_requests(pairs))
+    calls.clear()
+    monkeypatch.setattr(BD3EvalLM, "_score", lambda self, wins, n: (calls.append(n), real(self, wins, n))[1])
+    resumed = CachingLM(lm4, str(tmp_path / "cache")).loglikelihood(ll_requests(pairs))
+    assert calls == [36]  # only the requests the killed run had not finished
+    assert resumed == lm4.loglikelihood(ll_requests(pairs), disable_tqdm=True)

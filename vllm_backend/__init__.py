@@ -1,0 +1,1 @@
+"""vLLM backend for BD3-LMs: the only place vllm is imported."""
