@@ -81,6 +81,11 @@ class AdapterArgs:
             if isinstance(kwargs.get(key), str) and kwargs[key].isdigit():
                 kwargs[key] = int(kwargs[key])
         kwargs["pretrained"] = str(kwargs["pretrained"])
+        device = str(kwargs.get("device", "cpu"))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's command line passes cuda by default; like its hf model, fall back to the CPU.
+            log.warning("bd3: %s requested but CUDA is not available; using the CPU", device)
+            kwargs["device"] = "cpu"
         return cls(**kwargs)
 
 
@@ -163,9 +168,10 @@ class BD3EvalLM(TemplateLM):
             wins = []
             for j, i in enumerate(chunk):
                 _, ctx_ids, cont_ids = requests[i]
-                wins += windows(ctx_ids + cont_ids, len(ctx_ids), self.max_length, doc=j)
-                if wins and len(ctx_ids) + len(cont_ids) > self.max_length:
+                request_wins = windows(ctx_ids + cont_ids, len(ctx_ids), self.max_length, doc=j)
+                if request_wins[0].first < len(ctx_ids):  # the first window starts inside the context
                     self._note_truncation()
+                wins += request_wins
             ll, greedy = self._score(wins, len(chunk))
             for j, i in enumerate(chunk):
                 results[i] = (ll[j], greedy[j])
@@ -176,8 +182,8 @@ class BD3EvalLM(TemplateLM):
 
     def _note_truncation(self) -> None:
         if self._truncated == 0:
-            warnings.warn(f"bd3: a request is longer than model_length {self.max_length}: its context is cut "
-                          "from the left (a long continuation is scored in windows)", stacklevel=2)
+            warnings.warn(f"bd3: a context does not fit beside its continuation in model_length "
+                          f"{self.max_length}: it is cut from the left", stacklevel=2)
         self._truncated += 1
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -204,7 +210,8 @@ class BD3EvalLM(TemplateLM):
             members.sort(key=lambda i: -len(requests[i].args[0]))
             for start in range(0, len(members), self.args.batch_size):
                 batch = members[start : start + self.args.batch_size]
-                prompts = [self.tok_encode(requests[i].args[0]) or [self.eot_token_id] for i in batch]
+                # Documents start after the end-of-text token in training, so prompts do too.
+                prompts = [[self.eot_token_id] + self.tok_encode(requests[i].args[0]) for i in batch]
                 seeds = [request_seed(self.args.seed, requests[i].args[0]) for i in batch]
                 out = generate(self.model, prompts, config, seeded_generators(seeds), eos_id=self.eot_token_id)
                 for i, g in zip(batch, out.generations):

@@ -69,7 +69,7 @@ def true_perplexity(docs: list[HeldoutDoc]) -> float:
 MC_SEED = 11
 
 
-def mc_pairs(n_items: int = 200, seed: int = MC_SEED, margin: float = 1.0) -> list[dict]:
+def mc_pairs(n_items: int = 200, seed: int = MC_SEED, margin: float = 3.0) -> list[dict]:
     """Multiple-choice items: two documents of the same length; the answer is the more probable one
     (by at least `margin` nats). Equal lengths keep the choice about probability, not length."""
     import random

@@ -4,7 +4,9 @@ import math
 import pytest
 
 from bd3_plugin.checkpoint import load_checkpoint
-from bd3_plugin.scoring import report, score_documents
+import torch
+
+from bd3_plugin.scoring import score_documents
 from bd3_plugin.synthetic import Source, text_words
 from bd3_plugin.tinyworld import BLOCK_SIZES, HELDOUT, bundled_checkpoints, checkpoint_path, read_heldout
 from bd3_plugin.world_report import sample_validity
@@ -29,17 +31,17 @@ def test_heldout_logprobs_are_exact():
 
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_no_bound_beats_the_source(block_size):
-    """Averaged over held-out documents, −log p_model ≥ the true NLL (cross-entropy ≥ entropy), and the
-    NELBO is above −log p_model: the bound may not undercut the truth beyond Monte Carlo error."""
+    """Per document, NELBO ≥ −log p_model, and E[−log p_model] ≥ E[−log p_true] (cross-entropy ≥ entropy):
+    the bound may not undercut the exact log-probability beyond document and Monte Carlo noise."""
     ckpt = load_checkpoint(checkpoint_path(block_size))
     docs = HELDOUT_DOCS[:150]
     ids = [ckpt.encode(d.text) + [ckpt.eos_id] for d in docs]
-    rep = report(score_documents(ckpt.model, ids, bos_id=ckpt.tokenizer.bos_token_id, mc_samples=2, seed=1,
-                                 batch_size=32), sum(map(len, ids)))
-    truth = -sum(d.logprob for d in docs) / sum(d.tokens for d in docs)
-    slack = 3 * (rep.mc_stderr or 0.0)
-    assert rep.nll_per_token >= truth - slack, (rep.nll_per_token, truth)
-    assert rep.nll_per_token < truth + 1.0  # and the model did learn the language
+    per_doc = score_documents(ckpt.model, ids, bos_id=ckpt.tokenizer.bos_token_id, mc_samples=2, seed=1,
+                              batch_size=32).mean(dim=1)
+    gaps = torch.tensor([b + d.logprob for b, d in zip(per_doc.tolist(), docs)])  # NELBO − (−log p)
+    assert gaps.mean() >= -3 * gaps.std() / math.sqrt(len(docs)), (gaps.mean(), gaps.std())
+    tokens = sum(d.tokens for d in docs)
+    assert per_doc.sum() / tokens < -sum(d.logprob for d in docs) / tokens + 0.5  # the model did learn
 
 
 def test_samples_are_mostly_valid_documents():
