@@ -16,7 +16,7 @@ import torch
 
 from .model import BD3LM
 from .noise import Generators, per_row
-from .sampling import ddpm_step, first_hitting_step, threshold_step
+from .denoise import denoise_block
 
 ALGORITHMS = ("first_hitting", "ddpm", "threshold")
 
@@ -142,8 +142,14 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
         commits += 1
     denoise = 0
     while batch.rows:
-        passes, reveal_step = _denoise_block(model, batch, config, out)
-        denoise += passes
+        positions = batch.positions()
+        done = denoise_block(batch.block, lambda blk: model.denoise(blk, positions, batch.cache), config,
+                             batch.generators, batch.mask_id)
+        denoise += done.passes
+        before = torch.tensor([out[r].denoise_steps for r in batch.rows], device=done.row_steps.device)
+        reveal_step = torch.where(done.reveal_step > 0, done.reveal_step + before[:, None], 0)
+        for r, orig in enumerate(batch.rows):
+            out[orig].denoise_steps += int(done.row_steps[r])
         live = _collect(batch, reveal_step, prompts, config, out, eos_id)
         batch.keep(live)
         if not batch.rows:
@@ -154,41 +160,6 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
         batch.block.fill_(batch.mask_id)
         batch.first_gen = [0] * len(batch.rows)
     return GenerateOutput(out, denoise, commits)
-
-
-def _denoise_block(model: BD3LM, batch: _Batch, config: SamplerConfig, out: list[Generation]
-                   ) -> tuple[int, torch.Tensor]:
-    """Reveal every masked token of the current block -> (forward passes, (B, L') step of each reveal)."""
-    kw = dict(mask_id=batch.mask_id, temperature=config.temperature, top_p=config.top_p)
-    steps = config.steps or batch.size
-    passes, grid_i, logits = 0, 0, None
-    # DDPM caching: the network ignores t, so a row's logits change only when its block does.
-    stale = torch.ones(len(batch.rows), dtype=torch.bool, device=batch.block.device)
-    reveal_step = torch.zeros_like(batch.block)
-    while True:
-        masked = batch.block == batch.mask_id
-        needs = masked.any(dim=1) & stale
-        if not masked.any():
-            break
-        if needs.any():
-            logits = model.denoise(batch.block, batch.positions(), batch.cache)
-            passes += 1
-            for r in needs.nonzero().flatten().tolist():
-                out[batch.rows[r]].denoise_steps += 1
-        if config.algorithm == "first_hitting":
-            reveal, tokens = first_hitting_step(logits, masked, batch.generators, **kw)
-        elif config.algorithm == "threshold":
-            reveal, tokens = threshold_step(logits, masked, batch.generators, threshold=config.threshold, **kw)
-        else:
-            t, s = 1 - grid_i / steps, 1 - (grid_i + 1) / steps
-            grid_i += 1
-            reveal, tokens = ddpm_step(logits, masked, batch.generators, t=t, s=s, **kw)
-        if config.algorithm == "ddpm":
-            stale = reveal.any(dim=1)
-        batch.block[reveal] = tokens[reveal]
-        step_now = torch.tensor([out[r].denoise_steps for r in batch.rows], device=reveal.device)
-        reveal_step[reveal] = step_now[:, None].expand_as(reveal)[reveal]
-    return passes, reveal_step
 
 
 def _collect(batch: _Batch, reveal_step: torch.Tensor, prompts, config: SamplerConfig, out: list[Generation],
