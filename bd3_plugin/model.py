@@ -95,26 +95,36 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    def modulations(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """adaLN: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (1, 1, D)."""
+        return self.adaLN_modulation(c)[:, None].chunk(6, dim=2)
+
+    def project_qkv(self, x: torch.Tensor, mods, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, D) -> rotated q, k and v, each (B, H, T, Dh)."""
+        b, t, _ = x.shape
+        h = modulate(self.norm1(x), mods[0], mods[1])
+        qkv = self.attn_qkv(h).view(b, t, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+
+    def finish(self, x: torch.Tensor, a: torch.Tensor, mods) -> torch.Tensor:
+        """Residual attention output a (B, T, D), then the MLP."""
+        x = x + mods[2] * self.dropout(self.attn_out(a))
+        return x + mods[5] * self.dropout(self.mlp(modulate(self.norm2(x), mods[3], mods[4])))
+
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x (B, T, D) -> x, and this call's rotated (k, v) so that a caller may cache them."""
         b, t, _ = x.shape
-        mods = self.adaLN_modulation(c)[:, None].chunk(6, dim=2)  # 6 × (1, 1, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
-        qkv = self.attn_qkv(h).view(b, t, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, Dh)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        mods = self.modulations(c)
+        q, k, v = self.project_qkv(x, mods, rope)
         if prefix is not None:
             k_all, v_all = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
         else:
             k_all, v_all = k, v
         a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, T, Dh)
-        a = a.transpose(1, 2).reshape(b, t, -1)  # (B, T, D)
-        x = x + gate_msa * self.dropout(self.attn_out(a))
-        x = x + gate_mlp * self.dropout(self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x, (k, v)
+        return self.finish(x, a.transpose(1, 2).reshape(b, t, -1), mods), (k, v)
 
 
 class OutputLayer(nn.Module):
@@ -138,10 +148,13 @@ class DiTBackbone(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.n_blocks))
         self.output_layer = OutputLayer(cfg)
 
+    def condition(self, device: torch.device) -> torch.Tensor:
+        """Time conditioning is off in every released model: sigma is 0, so c is a learned constant (1, cond)."""
+        return F.silu(self.sigma_map(torch.zeros(1, device=device)))
+
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache | None = None, store: bool = False) -> torch.Tensor:
-        # Time conditioning is off in every released model: sigma is 0, so c is a learned constant.
-        c = F.silu(self.sigma_map(torch.zeros(1, device=ids.device)))  # (1, cond)
+        c = self.condition(ids.device)
         x = self.vocab_embed(ids)
         rope = self.rotary_emb(positions)
         for i, block in enumerate(self.blocks):

@@ -1,0 +1,23 @@
+"""vLLM general plugin: teaches transformers the bd3lm/mdlm config types and vLLM the BD3LM/MDLM
+architectures. vLLM calls `register` in every process (API server, engine core, workers); it is idempotent."""
+from __future__ import annotations
+
+MODEL = "vllm_backend.model:BD3ForVLLM"
+
+
+def register() -> None:
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from vllm import ModelRegistry
+
+    from .hf_config import BD3HFConfig, MDLMHFConfig
+
+    for cls in (BD3HFConfig, MDLMHFConfig):
+        if cls.model_type not in CONFIG_MAPPING:
+            AutoConfig.register(cls.model_type, cls)
+    for arch in ("BD3LM", "MDLM"):
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, MODEL)
+    from .autoconfig import install
+
+    install()

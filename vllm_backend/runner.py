@@ -1,0 +1,162 @@
+"""BD3ModelRunner: the CPU model runner, taught to denoise blocks.
+
+In one engine step, every request that has MASK placeholders scheduled (a block step) gets its whole block
+decoded: `bd3_plugin.denoise.denoise_block` runs the request's sampler, and each of its forward passes is
+one pass of vLLM's model over the step's tokens (writing the block's K/V into the paged cache); a last pass
+over the clean blocks leaves their clean K/V there (the commit). Attention metadata is split at absolute
+multiples of L' and made non-causal, so prefill is block-causal and a block sees the cached prefix and
+itself, exactly the core's masks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+
+import torch
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from bd3_plugin.denoise import denoise_block
+
+from .params import sampler_config
+
+
+def split_into_blocks(cm, block_size: int):
+    """Attention metadata with each request's query cut at absolute multiples of `block_size`, every
+    piece non-causal with the KV length up to its own last token: block-causal attention."""
+    qsl = cm.query_start_loc_cpu.long()
+    n = int(qsl[-1])
+    pos = cm.positions[:n].cpu().long()
+    q_lens = qsl[1:] - qsl[:-1]
+    req_of_token = torch.repeat_interleave(torch.arange(cm.num_reqs), q_lens)
+    first = torch.zeros(n, dtype=torch.bool)
+    first[qsl[:-1][q_lens > 0]] = True
+    starts = (first | (pos % block_size == 0)).nonzero().flatten()
+    ends = torch.cat((starts[1:], torch.tensor([n])))
+    new_qsl = torch.cat((starts, torch.tensor([n]))).to(cm.query_start_loc_cpu.dtype)
+    seq_lens = (pos[ends - 1] + 1).to(cm.seq_lens.dtype)
+    owner = req_of_token[starts]
+    changes = dict(query_start_loc=new_qsl.to(cm.query_start_loc.device), query_start_loc_cpu=new_qsl,
+                   seq_lens=seq_lens.to(cm.seq_lens.device), num_reqs=len(starts),
+                   max_query_len=int((ends - starts).max()), max_seq_len=int(seq_lens.max()),
+                   block_table_tensor=cm.block_table_tensor[owner.to(cm.block_table_tensor.device)],
+                   causal=False)
+    if getattr(cm, "is_prefilling", None) is not None:
+        changes["is_prefilling"] = cm.is_prefilling[owner.to(cm.is_prefilling.device)]
+    return dataclasses.replace(cm, **changes)
+
+
+class BD3ModelRunner(CPUModelRunner):
+    def __init__(self, vllm_config, device) -> None:
+        super().__init__(vllm_config, device)
+        self.bd3 = vllm_config.model_config.hf_config.to_bd3()
+        self._step = None  # the scheduler output while its step executes
+        self._blocks: dict[str, list[int]] = {}  # req_id -> tokens decoded in this step
+        self._generators: dict[str, torch.Generator] = {}
+
+    # ---- bookkeeping ----------------------------------------------------------------------------
+    def _update_states(self, scheduler_output):
+        out = super()._update_states(scheduler_output)
+        # vLLM's sampler is not used, and its CPU generators cannot be rewound for chunked prefills
+        # ("CPU Generator does not use offset"); each request's generator lives in self._generators.
+        self.input_batch.generators.clear()
+        for rid in scheduler_output.finished_req_ids:
+            self._generators.pop(rid, None)
+        return out
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        self._step = scheduler_output
+        try:
+            return super().execute_model(scheduler_output, intermediate_tensors)
+        finally:
+            self._step = None
+
+    def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
+        return True  # the placeholders are masks, never model drafts: never zero them near max_model_len
+
+    def initialize_metadata_builders(self, kv_cache_config, kernel_block_sizes) -> None:
+        super().initialize_metadata_builders(kv_cache_config, kernel_block_sizes)
+        for groups in self.attn_groups:
+            for group in groups:
+                group.build_metadata = functools.partial(self._build_blockwise, group.build_metadata)
+
+    def _build_blockwise(self, build, cm, *args, **kwargs):
+        if self._step is not None and cm.positions is not None:
+            cm = split_into_blocks(cm, self.bd3.block_size)
+        return build(cm, *args, **kwargs)
+
+    # ---- the block step -------------------------------------------------------------------------
+    def _block_rows(self, step) -> list[tuple[str, int, int, int]]:
+        """(req_id, first query token, query length, number of masks) for each request with a block."""
+        rows = []
+        qsl = self.query_start_loc.cpu
+        for i, rid in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
+            n_masks = len(step.scheduled_spec_decode_tokens.get(rid, ()))
+            if n_masks:
+                start, end = int(qsl[i]), int(qsl[i + 1])
+                if end - start > self.bd3.block_size:
+                    raise RuntimeError(f"request {rid}: a block step of {end - start} tokens exceeds the block "
+                                       f"size {self.bd3.block_size}; raise max_num_batched_tokens")
+                rows.append((rid, start, end - start, n_masks))
+        return rows
+
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
+                       **kwargs):
+        step = self._step
+        self._blocks = {}
+        rows = self._block_rows(step) if step is not None and step.scheduled_spec_decode_tokens else []
+        if not rows:
+            return super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        size, mask_id = self.bd3.block_size, self.bd3.mask_id
+        index = torch.full((len(rows), size), -1, dtype=torch.long)  # flat token index of each block slot
+        block = torch.zeros(len(rows), size, dtype=torch.long)
+        for r, (_, start, length, n_masks) in enumerate(rows):
+            index[r, :length] = torch.arange(start, start + length)
+            block[r, :length] = input_ids[start : start + length].cpu()
+            block[r, length - n_masks : length] = mask_id  # the placeholders are masks, whatever was drafted
+        real = index >= 0
+
+        def forward(rows_idx: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+            """One model pass with these rows' blocks in place -> their logits (b, L', V)."""
+            block[rows_idx] = sub
+            input_ids[index[real]] = block[real].to(input_ids.device, input_ids.dtype)
+            hidden = super(BD3ModelRunner, self)._model_forward(input_ids, positions, intermediate_tensors,
+                                                                 inputs_embeds, **kwargs)
+            h = hidden[index[rows_idx].clamp(min=0).flatten().to(hidden.device)]
+            return self.model.compute_logits(h).view(len(rows_idx), size, -1)
+
+        groups: dict = {}
+        for r, (rid, *_rest) in enumerate(rows):
+            groups.setdefault(self._config(rid), []).append(r)
+        for config, members in groups.items():
+            idx = torch.tensor(members)
+            sub = block[idx].clone()
+            gens = [self._generator(rows[r][0]) for r in members]
+            denoise_block(sub, functools.partial(forward, idx), config, gens, mask_id)
+            block[idx] = sub
+        input_ids[index[real]] = block[real].to(input_ids.device, input_ids.dtype)
+        hidden = super()._model_forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        for r, (rid, _, length, n_masks) in enumerate(rows):
+            self._blocks[rid] = block[r, length - n_masks : length].tolist()
+        return hidden
+
+    def _config(self, rid: str):
+        return sampler_config(self.requests[rid].sampling_params, self.bd3.block_size)
+
+    def _generator(self, rid: str) -> torch.Generator:
+        if rid not in self._generators:
+            seed = self.requests[rid].sampling_params.seed
+            self._generators[rid] = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+        return self._generators[rid]
+
+    def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
+        """The decoded blocks as the step's 'accepted' tokens (-1 pads; prefill rows get none)."""
+        n = self.input_batch.num_reqs
+        width = max([2] + [len(t) for t in self._blocks.values()])
+        out = torch.full((n, width), -1, dtype=torch.int32)
+        for i, rid in enumerate(self.input_batch.req_ids[:n]):
+            tokens = self._blocks.get(rid)
+            if tokens:
+                out[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
