@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--samples", type=int, default=64, help="sampled documents per checkpoint and sampler")
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--json", action="store_true")
+    serve = sub.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server")
+    serve.add_argument("checkpoint", nargs="?", default=None, help="checkpoint folder (default: tiny-bd3-L4)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-model-len", type=int, default=None, help="default: the model length")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further `vllm serve` arguments after --")
     add_train_parser(sub)
     return parser
 
@@ -198,6 +204,19 @@ def cmd_train(args) -> dict:
     return out
 
 
+def cmd_serve(args) -> dict:
+    from .checkpoint import resolve
+
+    checkpoint = str(resolve(_checkpoint_arg(args)))
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    try:
+        from vllm_backend.serve import exec_server
+    except ImportError as err:
+        raise UsageError(f"vLLM is not installed ({err}); install bd3-plugin[cpu] or bd3-plugin[gpu]") from None
+    exec_server(checkpoint, args.host, args.port, args.max_model_len, extra)
+    return {}
+
+
 def cmd_world(args) -> dict:
     from .tinyworld import HELDOUT, bundled_checkpoints, read_heldout
     from .world_report import as_dicts, markdown, world_rows
@@ -212,7 +231,8 @@ def cmd_world(args) -> dict:
     return {"rows": as_dicts(rows)}
 
 
-COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample, "train": cmd_train, "world": cmd_world}
+COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample, "train": cmd_train, "world": cmd_world,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,137 @@
+"""`bd3 serve` end to end: the real vLLM OpenAI server on 127.0.0.1, called with the openai client."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from bd3_plugin.checkpoint import load_checkpoint
+from bd3_plugin.generate import SamplerConfig, generate
+from bd3_plugin.noise import seeded_generators
+from bd3_plugin.tinyworld import checkpoint_path
+
+pytestmark = pytest.mark.slow
+BD3 = str(Path(sys.executable).with_name("bd3"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve") / "server.log").open("w")
+    proc = subprocess.Popen([BD3, "serve", str(checkpoint_path(4)), "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("server did not become healthy")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120, max_retries=0)
+    yield base, client, client.models.list().data[0].id
+    os.killpg(proc.pid, signal.SIGTERM)  # stop it by its PID (and its engine process)
+    proc.wait(timeout=60)
+    log.close()
+
+
+def complete(client, model, prompt, **kw):
+    kw.setdefault("temperature", 0.0)
+    kw.setdefault("seed", 1)
+    xargs = kw.pop("xargs", None)
+    return client.completions.create(model=model, prompt=prompt, extra_body={"vllm_xargs": xargs} if xargs else None,
+                                     **kw)
+
+
+def test_models_and_health(server):
+    base, client, model = server
+    assert model == str(checkpoint_path(4))
+    assert requests.get(f"{base}/health").status_code == 200
+
+
+def test_completion_matches_the_core_and_counts_usage(server):
+    _, client, model = server
+    ckpt = load_checkpoint(checkpoint_path(4))
+    prompt = "<eos> the old cow"
+    r = complete(client, model, prompt, max_tokens=30, seed=7, xargs={"algorithm": "threshold"})
+    core = generate(ckpt.model, [ckpt.encode(prompt)], SamplerConfig(algorithm="threshold", temperature=0.0,
+                    max_new_tokens=30), seeded_generators([7]), eos_id=ckpt.eos_id).generations[0]
+    choice = r.choices[0]
+    assert choice.text == " " + ckpt.decode(core.tokens)
+    assert choice.finish_reason == ("stop" if core.finish_reason == "eos" else "length")
+    assert r.usage.prompt_tokens == 4
+    assert r.usage.completion_tokens == len(core.tokens) + (choice.finish_reason == "stop")  # EOS counts
+    again = complete(client, model, prompt, max_tokens=30, seed=7, xargs={"algorithm": "threshold"})
+    assert again.choices[0].text == choice.text
+
+
+def test_streaming_sends_one_chunk_per_block(server):
+    _, client, model = server
+    prompt = "<eos> some wolves"
+    whole = complete(client, model, prompt, max_tokens=24, temperature=1.0, seed=3).choices[0].text
+    chunks = [c.choices[0].text for c in complete(client, model, prompt, max_tokens=24, temperature=1.0, seed=3,
+                                                   stream=True)]
+    assert "".join(chunks) == whole
+    assert all(len(c.split()) <= 4 for c in chunks) and len([c for c in chunks if c]) >= len(whole.split()) // 4
+
+
+def test_concurrent_requests_equal_the_same_requests_alone(server):
+    _, client, model = server
+    prompts = [("<eos> the big horse", 11), ("<eos> a", 12), ("<eos> some crabs like the", 13), ("<eos>", 14)] * 2
+    alone = [complete(client, model, p, max_tokens=20, temperature=1.0, seed=s).choices[0].text for p, s in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda ps: complete(client, model, ps[0], max_tokens=20, temperature=1.0,
+                                                     seed=ps[1]).choices[0].text, prompts))
+    assert together == alone
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_requests_are_400_and_the_server_stays_up(server, stream):
+    base, client, model = server
+    long_prompt = "<eos> " + "the cow sleeps . " * 40  # 161 tokens > 128
+    cases = [(dict(prompt=long_prompt, max_tokens=4), "max_model_len|maximum context length"),
+             (dict(prompt="<eos> a", max_tokens=500), "max_model_len|maximum context length"),
+             (dict(prompt="<eos> a", max_tokens=8, xargs={"algorithm": "beam"}), "unknown algorithm"),
+             (dict(prompt="<eos> a", max_tokens=8, xargs={"algorithm": "threshold", "threshold": 0}), "threshold"),
+             (dict(prompt="<eos> a", max_tokens=8, xargs={"threshold": 1.5}), "threshold"),
+             (dict(prompt="<eos> a", max_tokens=8, xargs={"block_size": 16}), "does not match")]
+    for kw, needle in cases:
+        with pytest.raises(openai.BadRequestError, match=needle):
+            r = complete(client, model, stream=stream, **kw)
+            if stream:
+                list(r)
+    assert requests.get(f"{base}/health").status_code == 200
+    assert complete(client, model, "<eos> a", max_tokens=8).choices[0].text
+
+
+def test_load_64_requests_at_concurrency_16(server):
+    _, client, model = server
+    prompts = ["<eos>", "<eos> the", "<eos> the old cow sleeps . a", "<eos> " + "many owls sing . " * 6]
+
+    def one(i):
+        r = complete(client, model, prompts[i % 4], max_tokens=8 + 5 * (i % 7), temperature=1.0, seed=i,
+                     xargs={"algorithm": ("first_hitting", "ddpm", "threshold")[i % 3]})
+        return r.choices[0].finish_reason, r.usage.completion_tokens
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(64)))
+    assert len(results) == 64
+    assert all(reason in ("stop", "length") and n >= 1 for reason, n in results)
