@@ -57,6 +57,10 @@ class BD3Worker(cpu_worker.CPUWorker):
         finally:
             cpu_worker.CPUModelRunner = original
 
+    def bd3_forward_passes(self) -> int:
+        """Model passes so far (for `LLM.collective_rpc("bd3_forward_passes")`)."""
+        return self.model_runner.forward_passes
+
 
 def engine_kwargs(block_size: int) -> dict:
     """The engine arguments that turn on block decoding (for `vllm.LLM(...)` or `vllm serve`)."""

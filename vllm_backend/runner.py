@@ -54,6 +54,7 @@ class BD3ModelRunner(CPUModelRunner):
         self._step = None  # the scheduler output while its step executes
         self._blocks: dict[str, list[int]] = {}  # req_id -> tokens decoded in this step
         self._generators: dict[str, torch.Generator] = {}
+        self.forward_passes = 0  # model passes run by this runner (benchmarks read it)
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def _update_states(self, scheduler_output):
@@ -103,6 +104,7 @@ class BD3ModelRunner(CPUModelRunner):
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
                        **kwargs):
+        self.forward_passes += 1
         step = self._step
         self._blocks = {}
         rows = self._block_rows(step) if step is not None and step.scheduled_spec_decode_tokens else []
@@ -120,6 +122,7 @@ class BD3ModelRunner(CPUModelRunner):
         def forward(rows_idx: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
             """One model pass with these rows' blocks in place -> their logits (b, L', V)."""
             block[rows_idx] = sub
+            self.forward_passes += 1
             input_ids[index[real]] = block[real].to(input_ids.device, input_ids.dtype)
             hidden = super(BD3ModelRunner, self)._model_forward(input_ids, positions, intermediate_tensors,
                                                                  inputs_embeds, **kwargs)
