@@ -1,0 +1,92 @@
+"""`bd3-sweep`: evaluate checkpoints × task groups on a Ray cluster (default: a local instance).
+
+    bd3-sweep --checkpoints 'bd3_plugin/checkpoints/*' --tasks synthetic_ppl synthetic_mc --out runs/sweep
+
+Each `--tasks` value is one task group (comma-separated tasks run together in one unit). Results go to
+OUT/units/<unit>/result.json; a rerun skips finished units and redoes failed ones; the merged table is
+OUT/results.csv and OUT/results.md, the plot OUT/plot.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .plan import plan
+
+
+def task_groups(values: list[str]) -> list[list[str]]:
+    """Task, group or tag names, comma lists of them, or task folders (e.g. lm_eval_tasks/bd3_zeroshot)."""
+    groups = []
+    for value in values:
+        group = []
+        for item in filter(None, value.split(",")):
+            folder = Path(item)
+            group += sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else [item]
+        groups.append(group)
+    return groups
+
+
+def known_tasks(groups: list[list[str]]) -> list[str]:
+    """Names lm-eval does not know (checked once, before any unit runs)."""
+    from ray_jobs.unit import task_manager
+
+    names = sorted({t for g in groups for t in g})
+    manager = task_manager(tuple(names))
+    return [t for t in names if t not in manager.all_tasks]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bd3_plugin.tinyworld import CHECKPOINTS
+
+    p = argparse.ArgumentParser(prog="bd3-sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoints", nargs="+", default=[str(CHECKPOINTS / "*")],
+                   help="checkpoint folders, globs or hub ids (default: the bundled ones)")
+    p.add_argument("--tasks", nargs="+", default=["synthetic_ppl", "synthetic_mc"], help="task groups")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--gpus-per-unit", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    p.add_argument("--model-args", default="", help="extra --model_args for `bd3`, e.g. mc_samples=4")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (quick runs)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-retries", type=int, default=2, help="retries of a unit whose worker died")
+    p.add_argument("--json", action="store_true", help="print the merged table as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .collect import markdown, plot, rows, write_table
+    from .launcher import SweepError, run_sweep
+
+    groups = task_groups(args.tasks)
+    if not all(groups):
+        print("bd3-sweep: error: an empty task group", file=sys.stderr)
+        return 2
+    unknown = known_tasks(groups)
+    if unknown:
+        print(f"bd3-sweep: error: unknown task(s): {', '.join(unknown)} (not in lm-eval or lm_eval_tasks/)",
+              file=sys.stderr)
+        return 2
+    units = plan(args.checkpoints, groups, model_args=args.model_args, limit=args.limit, batch_size=args.batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        counts = run_sweep(units, args.out, address=args.address, gpus_per_unit=args.gpus_per_unit,
+                           num_cpus=args.num_cpus, max_retries=args.max_retries)
+    except SweepError as err:
+        print(f"bd3-sweep: error: {err}", file=sys.stderr)
+        return 2
+    table = rows(units, args.out)
+    csv_path, md_path = write_table(table, args.out)
+    png = plot(table, args.out)
+    print(json.dumps(table, indent=2) if args.json else markdown(table))
+    failed = [u.key for u in units if any(r["status"] != "ok" for r in rows([u], args.out))]
+    print(f"\n{len(units)} units ({counts['ran']} run now, {len(failed)} failed); table: {csv_path}, {md_path}"
+          + (f"; plot: {png}" if png else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

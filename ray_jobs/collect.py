@@ -1,0 +1,98 @@
+"""Merge the units' results into one table (CSV and Markdown) and one plot (PNG)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from .plan import Unit
+
+COLUMNS = ("checkpoint", "block_size", "task", "metric", "value", "stderr", "mc_samples", "status")
+# The metric each task is plotted by, and the reference line drawn beside it.
+PLOT_METRICS = {"word_perplexity": "true_word_perplexity"}
+
+
+def _mc_samples(model_args: str) -> int:
+    for part in model_args.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() == "mc_samples" and value.strip().isdigit():
+            return int(value)
+    return 1
+
+
+def rows(units: list[Unit], out: Path) -> list[dict]:
+    table = []
+    for unit in units:
+        path = unit.result_path(out)
+        record = json.loads(path.read_text()) if path.is_file() else {"status": "missing"}
+        base = {"checkpoint": Path(unit.checkpoint).name or unit.checkpoint, "block_size": record.get("block_size"),
+                "mc_samples": _mc_samples(unit.model_args)}
+        if record.get("status") != "ok":
+            error = record.get("error", record["status"])
+            table += [base | {"task": t, "metric": "error", "value": error, "stderr": None, "status": "failed"}
+                      for t in unit.tasks]
+            continue
+        table += [base | m | {"status": "ok"} for m in record["metrics"]]
+    return table
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in table]
+    return "\n".join(lines)
+
+
+def write_table(table: list[dict], out: Path) -> tuple[Path, Path]:
+    csv_path, md_path = out / "results.csv", out / "results.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(table)
+    md_path.write_text(markdown(table) + "\n")
+    return csv_path, md_path
+
+
+def plot(table: list[dict], out: Path) -> Path | None:
+    """Perplexity bound against block size, one line per task, the exact value as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    reference: dict[str, float] = {}
+    for r in table:
+        if r["status"] == "ok" and r["block_size"] is not None:
+            if r["metric"] in PLOT_METRICS:
+                series.setdefault(r["task"], []).append((r["block_size"], r["value"]))
+            if r["metric"] in PLOT_METRICS.values():
+                reference[r["task"]] = r["value"]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{task} (NELBO bound)")
+        if task in reference:
+            ax.axhline(reference[task], linestyle="--", color="gray", label=f"{task} (exact, source)")
+    ax.set_xscale("log", base=2)
+    sizes = sorted({p[0] for points in series.values() for p in points})
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("block size L' (1 = autoregressive, L = MDLM)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=8)
+    ax.set_title("Block diffusion: from AR to diffusion")
+    fig.tight_layout()
+    path = out / "plot.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,81 @@
+"""Fan the units of a sweep out over a Ray cluster (or a local Ray instance), consume them as they finish,
+retry units whose worker died, and never rerun a unit whose result is already on disk."""
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .plan import Unit, status
+from .unit import run_unit, write_atomic
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start (the message is for the user)."""
+
+
+def _check_reachable(address: str) -> None:
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as err:
+        raise SweepError(f"cannot reach the Ray cluster at {address}: {err}") from None
+
+
+def connect(address: str | None, num_cpus: int | None):
+    import ray
+
+    if address:
+        _check_reachable(address)
+    try:
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
+    except Exception as err:
+        raise SweepError(f"cannot start or join Ray ({address or 'local'}): {err}".splitlines()[0]) from None
+    return ray
+
+
+def _remote_unit(unit: Unit, out: str, device: str) -> dict:
+    import os
+
+    attempts = Path(out) / "units" / unit.key / "attempts"
+    attempts.mkdir(parents=True, exist_ok=True)
+    (attempts / f"{os.uname().nodename}-{os.getpid()}").touch()  # provenance: one file per attempt
+    return run_unit(unit, out, device)
+
+
+def run_sweep(units: list[Unit], out: Path, *, address: str | None = None, gpus_per_unit: float | None = None,
+              num_cpus: int | None = None, max_retries: int = 2, progress: bool = True) -> dict[str, int]:
+    """Run every unit that has no successful result yet; returns counts by outcome."""
+    pending = [u for u in units if status(u, out) != "done"]
+    counts = {"done": len(units) - len(pending), "failed": 0, "ran": 0}
+    if not pending:
+        return counts
+    ray = connect(address, num_cpus)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    per_unit = gpus_per_unit if gpus_per_unit is not None else (1 if gpus else 0)
+    device = "cuda" if per_unit else "cpu"
+    task = ray.remote(num_cpus=1, num_gpus=per_unit, max_retries=max_retries)(_remote_unit)
+    refs = {task.remote(u, str(out), device): u for u in pending}
+    started = time.time()
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=1)
+        for ref in ready:
+            unit = refs.pop(ref)
+            try:
+                ok = ray.get(ref)["status"] == "ok"
+            except Exception as err:  # the worker died more than max_retries times, or Ray failed
+                write_atomic(unit.result_path(out), {"key": unit.key, "status": "error",
+                                                     "error": f"{type(err).__name__}: {err}".splitlines()[0]})
+                ok = False
+            counts["ran"] += 1
+            counts["done" if ok else "failed"] += 1
+            if progress:
+                print(f"[{time.time() - started:6.1f}s] {'done' if ok else 'FAILED'} {unit.key}  "
+                      f"(done {counts['done']}, running {len(refs)}, failed {counts['failed']})",
+                      file=sys.stderr, flush=True)
+    return counts
