@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except SweepError as err:
         print(f"bd3-sweep: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("bd3-sweep: interrupted; finished units are kept, the same command runs the rest", file=sys.stderr)
+        return 130
     table = rows(units, args.out)
     csv_path, md_path = write_table(table, args.out)
     png = plot(table, args.out)

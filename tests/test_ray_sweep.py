@@ -86,8 +86,9 @@ def test_an_interrupted_sweep_finishes_only_the_missing_units(tmp_path):
     out = tmp_path / "sweep"
     proc = sweep(out, "--num-cpus", "1", popen=True)
     wait_for(lambda: any(status(u, out) == "done" for u in units()))
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray instance go down
-    proc.wait(timeout=60)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the driver stops and takes its local Ray instance down
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
     finished = [u for u in units() if status(u, out) == "done"]
     assert 0 < len(finished) < 4
     before = {u.key: u.result_path(out).stat().st_mtime_ns for u in finished}
