@@ -64,7 +64,7 @@ def markdown(rows: list[WorldRow], mc_samples: int, n_samples: int, n_docs: int)
              + " | ".join(f"valid ({a})" for a in ALGORITHMS) + " |",
              "|---|---:|---:|---:|---:|---:|" + "---:|" * len(ALGORITHMS)]
     for r in rows:
-        err = f" ± {r.mc_stderr:.3f}" if r.mc_stderr is not None else " (exact)"
+        err = " (exact)" if r.block_size == 1 or r.mc_stderr is None else f" ± {r.mc_stderr:.3f}"
         lines.append(f"| {r.checkpoint} | {r.block_size} | {r.nll_bound:.3f}{err} | {r.ppl_bound:.2f} | "
                      f"{r.true_nll:.3f} | {r.true_ppl:.2f} | "
                      + " | ".join(f"{r.valid[a]:.0%}" for a in ALGORITHMS) + " |")

@@ -39,7 +39,7 @@ def test_resume_continues_the_same_run(tmp_path, data):
     resumed = make(tmp_path / "b", data, steps=10)
     assert resumed.resume() and resumed.step == 5
     resumed.run(progress=False)
-    assert resumed.losses[:5] == straight.losses[:5]
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-4)
     # Multithreaded scatter-adds in the backward may round differently from run to run.
     for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
