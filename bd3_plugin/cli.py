@@ -168,13 +168,14 @@ def cmd_sample(args) -> dict:
     result = generate(ckpt.model, [prompt] * args.num_samples, sampler,
                       seeded_generators([args.seed + i for i in range(args.num_samples)]), eos_id=ckpt.eos_id)
     seconds = time.perf_counter() - start
-    samples = [{"text": ckpt.decode(g.tokens), "tokens": g.tokens, "finish_reason": g.finish_reason,
+    samples = [{"text": ckpt.decode(g.tokens), "full_text": ckpt.decode(prompt + g.tokens), "tokens": g.tokens,
+                "finish_reason": g.finish_reason,
                 "reveal_steps": g.reveal_steps, "denoise_steps": g.denoise_steps} for g in result.generations]
     out = {"prompt": args.prompt, "samples": samples, "forward_passes": result.forward_passes,
            "denoise_passes": result.denoise_passes, "commit_passes": result.commit_passes, "seconds": seconds}
     if not args.json:
         for s in samples:
-            print(f"{args.prompt}{s['text']}")
+            print(s["full_text"])
             print(f"[{len(s['tokens'])} tokens, {s['finish_reason']}]")
         print(f"[{result.forward_passes} forward passes ({result.denoise_passes} denoise, "
               f"{result.commit_passes} commit), {seconds:.2f} s]")

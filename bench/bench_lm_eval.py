@@ -1,7 +1,7 @@
 """loglikelihood requests per second: the `bd3` lm-eval adapter (batched, length-sorted) against a naive
 loop that scores one request at a time, on the same bundled checkpoint and the same requests.
 
-    python bench/bench_lm_eval.py [--requests 256] [--mc-samples 1] [--batch-size 32]
+    python bench/bench_lm_eval.py [--requests 256] [--mc-samples 1] [--batch-size 32] [--shape documents|words]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from bd3_plugin.lm_eval_adapter import BD3EvalLM
-from bd3_plugin.tinyworld import checkpoint_path, mc_pairs
+from bd3_plugin.tinyworld import checkpoint_path, mc_pairs, read_heldout
 
 
 def main() -> None:
@@ -23,15 +23,22 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", choices=("documents", "words"), default="documents",
+                    help="documents: whole documents after an empty context (synthetic_mc); words: a held-out "
+                         "document's first words as context and its next word as continuation (lambada-like)")
     args = ap.parse_args()
-    pairs = [("", c + " <eos>") for item in mc_pairs(args.requests // 2 + 1) for c in item["choices"]]
+    if args.shape == "documents":
+        pairs = [("", c + " <eos>") for item in mc_pairs(args.requests // 2 + 1) for c in item["choices"]]
+    else:
+        docs = [d.text.split() for d in read_heldout()]
+        pairs = [(" ".join(w[: 3 + i % 5]), " " + w[3 + i % 5]) for i, w in enumerate(docs) if len(w) > 8]
     reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs[: args.requests])]
     common = dict(pretrained=str(checkpoint_path(args.block_size)), mc_samples=args.mc_samples, device=args.device)
     batched = BD3EvalLM(**common, batch_size=args.batch_size)
     naive = BD3EvalLM(**common, batch_size=1)
     print(f"# {platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {args.device}, checkpoint tiny-bd3-L{args.block_size}, {len(reqs)} requests, "
-          f"mc_samples {args.mc_samples}")
+          f"mc_samples {args.mc_samples}, {args.shape}")
     batched.loglikelihood(reqs[:8], disable_tqdm=True)  # warm-up
 
     start = time.perf_counter()

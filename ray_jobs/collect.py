@@ -34,7 +34,8 @@ def rows(units: list[Unit], out: Path) -> list[dict]:
                       for t in unit.tasks]
             continue
         table += [base | m | {"status": "ok"} for m in record["metrics"]]
-    return table
+    # Block size first: the table reads as the interpolation from AR (L' = 1) to diffusion.
+    return sorted(table, key=lambda r: (r["block_size"] is None, r["block_size"] or 0, r["checkpoint"], r["task"]))
 
 
 def _fmt(value) -> str:
