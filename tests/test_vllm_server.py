@@ -56,9 +56,9 @@ def server(tmp_path_factory):
 def complete(client, model, prompt, **kw):
     kw.setdefault("temperature", 0.0)
     kw.setdefault("seed", 1)
-    xargs = kw.pop("xargs", None)
-    return client.completions.create(model=model, prompt=prompt, extra_body={"vllm_xargs": xargs} if xargs else None,
-                                     **kw)
+    body = kw.pop("extra_body", {}) | ({"vllm_xargs": kw.pop("xargs")} if kw.get("xargs") else {})
+    kw.pop("xargs", None)
+    return client.completions.create(model=model, prompt=prompt, extra_body=body or None, **kw)
 
 
 def test_models_and_health(server):
@@ -81,6 +81,15 @@ def test_completion_matches_the_core_and_counts_usage(server):
     assert r.usage.completion_tokens == len(core.tokens) + (choice.finish_reason == "stop")  # EOS counts
     again = complete(client, model, prompt, max_tokens=30, seed=7, xargs={"algorithm": "threshold"})
     assert again.choices[0].text == choice.text
+
+
+def test_stop_strings_and_max_tokens(server):
+    _, client, model = server
+    r = complete(client, model, "<eos> the old cow", max_tokens=40, stop=["."], temperature=1.0, seed=2)
+    assert "." not in r.choices[0].text and r.choices[0].finish_reason == "stop"
+    r = complete(client, model, "<eos> the old cow", max_tokens=6, temperature=1.0, seed=2,
+                 extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
 
 
 def test_streaming_sends_one_chunk_per_block(server):
