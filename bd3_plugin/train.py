@@ -92,8 +92,7 @@ def training_data(data: str, tokenizer_dir: Path | None, length: int, n_docs: in
 
 def resampled_noise(x0: torch.Tensor, cfg: BD3Config, gen: torch.Generator, lo: float, hi: float):
     """A noise draw whose every block has a masked fraction in [lo, hi] (spec §3.2 resampling)."""
-    eligible = torch.ones_like(x0, dtype=torch.bool)
-    eligible[:, 0] = False  # ignore_bos
+    eligible = _not_first(x0)
     draw = draw_noise(x0, eligible, cfg.block_size, cfg.mask_id, gen, eps_min=lo, eps_max=hi)
     size = cfg.block_size
     for _ in range(100):
@@ -117,6 +116,7 @@ def loss_fn(model: BD3LM, x0: torch.Tensor, gen: torch.Generator, tc: TrainConfi
 
 
 def _not_first(x0: torch.Tensor) -> torch.Tensor:
+    """Every token but the first, which stays clean (ignore_bos)."""
     eligible = torch.ones_like(x0, dtype=torch.bool)
     eligible[:, 0] = False
     return eligible
