@@ -68,7 +68,7 @@ class TimestepEmbedder(nn.Module):
         half = _FREQ_DIM // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device).float() / half)
         args = sigma[:, None].float() * freqs[None]  # (B, 128)
-        return self.mlp(torch.cat((args.cos(), args.sin()), dim=-1))
+        return self.mlp(torch.cat((args.cos(), args.sin()), dim=-1).to(self.mlp[0].weight.dtype))
 
 
 class EmbeddingLayer(nn.Module):

@@ -53,6 +53,8 @@ def apply(args) -> None:
         raise ValueError("prefix caching is not supported for BD3 checkpoints (--no-enable-prefix-caching)")
     args.enable_prefix_caching = False
     args.enforce_eager = True
+    if args.dtype == "auto":
+        args.dtype = "float32"  # the checkpoints' dtype, and the core's: tokens match it exactly
 
 
 def install() -> None:
