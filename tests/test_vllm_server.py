@@ -27,13 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def start(argv, log_dir):
+    """Start a server process; returns (process, base url, log file) once /health answers."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "server.log").open("w")
-    proc = subprocess.Popen([BD3, "serve", str(checkpoint_path(4)), "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    log = (log_dir / "server.log").open("w")
+    proc = subprocess.Popen([*argv, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -46,11 +45,21 @@ def server(tmp_path_factory):
         time.sleep(1)
     else:
         pytest.fail("server did not become healthy")
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120, max_retries=0)
-    yield base, client, client.models.list().data[0].id
+    return proc, base, log
+
+
+def stop(proc, log) -> None:
     os.killpg(proc.pid, signal.SIGTERM)  # stop it by its PID (and its engine process)
     proc.wait(timeout=60)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, base, log = start([BD3, "serve", str(checkpoint_path(4))], tmp_path_factory.mktemp("serve"))
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120, max_retries=0)
+    yield base, client, client.models.list().data[0].id
+    stop(proc, log)
 
 
 def complete(client, model, prompt, **kw):
@@ -144,3 +153,18 @@ def test_load_64_requests_at_concurrency_16(server):
         results = list(pool.map(one, range(64)))
     assert len(results) == 64
     assert all(reason in ("stop", "length") and n >= 1 for reason, n in results)
+
+
+def test_plain_vllm_serve_decodes_blocks_too(tmp_path):
+    """`vllm serve CKPT` with no flags: the plugin fills in the block-decoding engine arguments."""
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    proc, base, log = start([vllm, "serve", str(checkpoint_path(16))], tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120, max_retries=0)
+        r = complete(client, client.models.list().data[0].id, "<eos> the old cow", max_tokens=20, seed=4)
+    finally:
+        stop(proc, log)
+    ckpt = load_checkpoint(checkpoint_path(16))
+    core = generate(ckpt.model, [ckpt.encode("<eos> the old cow")], SamplerConfig(temperature=0.0, max_new_tokens=20),
+                    seeded_generators([4]), eos_id=ckpt.eos_id).generations[0]
+    assert r.choices[0].text == " " + ckpt.decode(core.tokens)
