@@ -20,7 +20,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .generate import ALGORITHMS, SamplerConfig, generate
+from .generate import SamplerConfig, generate
 from .noise import seeded_generators
 from .scoring import document_windows, greedy_windows, score_windows, windows
 
@@ -56,9 +56,6 @@ class AdapterArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise BD3ArgsError(f"bd3 model_args: {name} must be a positive integer, got {value!r}")
-        if self.algorithm not in ALGORITHMS:
-            raise BD3ArgsError(f"bd3 model_args: algorithm must be one of {', '.join(ALGORITHMS)}, "
-                               f"got {self.algorithm!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise BD3ArgsError(f"bd3 model_args: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -52,8 +52,9 @@ def test_sampler_settings_are_validated():
 
     assert sampler_config(params(), 4) == SamplerConfig(max_new_tokens=8)
     assert sampler_config(params(temperature=0.0, extra_args={"algorithm": "ddpm", "steps": 8}), 4).steps == 8
-    for extra, needle in [({"algorithm": "beam"}, "unknown algorithm"), ({"threshold": 0}, "threshold must lie"),
-                          ({"threshold": 1.5}, "threshold must lie"), ({"block_size": 16}, "does not match"),
+    for extra, needle in [({"algorithm": "beam"}, "algorithm must be one of"), ({"threshold": 0}, "threshold must lie"),
+                          ({"threshold": 1.5}, "threshold must lie"),
+                          ({"threshold": "high"}, "threshold must lie"), ({"steps": True}, "steps must be"), ({"block_size": 16}, "does not match"),
                           ({"steps": 0}, "steps must be"), ({"foo": 1}, "unknown vllm_xargs key")]:
         with pytest.raises(ValueError, match=needle):
             sampler_config(params(extra_args=extra), 4)

@@ -127,7 +127,7 @@ def test_bad_requests_are_400_and_the_server_stays_up(server, stream):
     long_prompt = "<eos> " + "the cow sleeps . " * 40  # 161 tokens > 128
     cases = [(dict(prompt=long_prompt, max_tokens=4), "max_model_len|maximum context length"),
              (dict(prompt="<eos> a", max_tokens=500), "max_model_len|maximum context length"),
-             (dict(prompt="<eos> a", max_tokens=8, xargs={"algorithm": "beam"}), "unknown algorithm"),
+             (dict(prompt="<eos> a", max_tokens=8, xargs={"algorithm": "beam"}), "algorithm must be one of"),
              (dict(prompt="<eos> a", max_tokens=8, xargs={"algorithm": "threshold", "threshold": 0}), "threshold"),
              (dict(prompt="<eos> a", max_tokens=8, xargs={"threshold": 1.5}), "threshold"),
              (dict(prompt="<eos> a", max_tokens=8, xargs={"block_size": 16}), "does not match")]

@@ -2,7 +2,7 @@
 temperature and top_p, validated once, here, for the API front end and the runner alike."""
 from __future__ import annotations
 
-from bd3_plugin.generate import ALGORITHMS, SamplerConfig
+from bd3_plugin.generate import SamplerConfig
 
 KEYS = ("algorithm", "steps", "threshold", "block_size")
 
@@ -16,16 +16,8 @@ def sampler_config(params, block_size: int) -> SamplerConfig:
     requested = extra.get("block_size")
     if requested is not None and requested != block_size:
         raise ValueError(f"block_size {requested} does not match the checkpoint's block size {block_size}")
-    algorithm = extra.get("algorithm", "first_hitting")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
-    steps = extra.get("steps")
-    threshold = extra.get("threshold", 0.9)
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
-        raise ValueError(f"threshold must lie in (0, 1], got {threshold!r}")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     temperature = 0.0 if params.temperature < 1e-5 else float(params.temperature)
-    return SamplerConfig(algorithm=algorithm, max_new_tokens=max(params.max_tokens or 1, 1),
-                         temperature=temperature, top_p=float(params.top_p), steps=steps,
-                         threshold=float(threshold))
+    # SamplerConfig checks the algorithm, steps and threshold (ValueError naming the field).
+    return SamplerConfig(algorithm=extra.get("algorithm", "first_hitting"),
+                         max_new_tokens=max(params.max_tokens or 1, 1), temperature=temperature,
+                         top_p=float(params.top_p), steps=extra.get("steps"), threshold=extra.get("threshold", 0.9))
