@@ -7,7 +7,6 @@ The only module of bd3_plugin that imports lm_eval. Tokenisation is lm-eval's `T
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -22,7 +21,7 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from .generate import SamplerConfig, generate
 from .noise import seeded_generators
-from .scoring import document_windows, greedy_windows, score_windows, windows
+from .scoring import content_seed, document_windows, greedy_windows, score_windows, windows
 
 log = logging.getLogger(__name__)
 _CHUNK = 64  # requests scored between two writes to lm-eval's cache
@@ -92,11 +91,6 @@ def _fail(err: Exception):
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2)
     raise err
-
-
-def request_seed(seed: int, *parts) -> int:
-    digest = hashlib.blake2b(repr((seed, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @register_model("bd3")
@@ -209,7 +203,7 @@ class BD3EvalLM(TemplateLM):
                 batch = members[start : start + self.args.batch_size]
                 # Documents start after the end-of-text token in training, so prompts do too.
                 prompts = [[self.eot_token_id] + self.tok_encode(requests[i].args[0]) for i in batch]
-                seeds = [request_seed(self.args.seed, requests[i].args[0]) for i in batch]
+                seeds = [content_seed(self.args.seed, (requests[i].args[0],)) for i in batch]
                 out = generate(self.model, prompts, config, seeded_generators(seeds), eos_id=self.eot_token_id)
                 for i, g in zip(batch, out.generations):
                     results[i] = _cut(self.tok_decode(g.tokens), until)

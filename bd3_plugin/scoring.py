@@ -61,9 +61,14 @@ def document_windows(ids: list[int], length: int, bos_id: int | None, doc: int =
     return windows(full, len(full) - len(ids), length, doc)
 
 
-def window_seed(seed: int, w: Window) -> int:
-    digest = hashlib.blake2b(repr((seed, w.first, w.ids)).encode(), digest_size=8).digest()
+def content_seed(*parts) -> int:
+    """A 63-bit seed from a hash of the parts: the same content gets the same noise in any run."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def window_seed(seed: int, w: Window) -> int:
+    return content_seed(seed, w.first, w.ids)
 
 
 def eval_interval(model: BD3LM) -> tuple[float, float]:
