@@ -14,6 +14,7 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+from bd3_plugin.checkpoint import check_state_dict
 from bd3_plugin.config import BD3Config
 from bd3_plugin.model import DiTBackbone, DiTBlock
 
@@ -68,27 +69,16 @@ class BD3ForVLLM(nn.Module):
         return self.backbone.output_layer(hidden_states[None], c)[0].float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Every checkpoint tensor must match a parameter or buffer by name and shape; returns the
-        parameter names loaded, which vLLM checks against the model's parameters."""
+        """Strict, as the core's loader: one error names every missing, unexpected and mis-shaped tensor.
+        Returns the parameter names loaded, which vLLM checks against the model's parameters."""
+        found = dict(weights)
+        # vLLM's Attention layers keep buffers of their own (KV scales) that no checkpoint holds.
+        expected = {k: v for k, v in self.state_dict().items() if ".attn." not in k}
+        check_state_dict(expected, found)
         params = dict(self.named_parameters())
-        buffers = dict(self.named_buffers())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            target = params.get(name)
-            if target is None and name in buffers:
-                if buffers[name].shape != tensor.shape:
-                    raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(buffers[name].shape)}")
-                buffers[name].copy_(tensor)
-                continue
-            if target is None:
-                raise ValueError(f"unexpected checkpoint tensor {name}")
-            if target.shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(target.shape)}")
-            default_weight_loader(target, tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint is missing tensors: {', '.join(missing)}")
-        return loaded
+        for name, tensor in found.items():
+            if name in params:
+                default_weight_loader(params[name], tensor)
+            else:
+                expected[name].copy_(tensor)  # a buffer: state_dict() shares its storage
+        return set(params)
