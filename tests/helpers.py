@@ -23,6 +23,18 @@ def random_model(cfg: BD3Config | None = None, seed: int = 0) -> BD3LM:
     return model.eval()
 
 
+def ar_logprobs(model: BD3LM, context: list[int], tokens: list[int]) -> list[float]:
+    """log p(token_i | context, tokens_<i) of an L' = 1 model, one forward per token with a mask in the
+    token's slot: the exact AR log-probabilities, computed independently of the NELBO code."""
+    mask_id, out = model.config.mask_id, []
+    for i, tok in enumerate(tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([context + tokens[:i] + [mask_id]]))[0, -1].double()
+        logits[mask_id] = -float("inf")
+        out.append(torch.log_softmax(logits, -1)[tok].item())
+    return out
+
+
 def word_tokenizer():
     """A word-level fast tokenizer over WORDS with [EOS] and [MASK], as transformers loads it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders

@@ -11,6 +11,7 @@ from bd3_plugin.lm_eval_adapter import BD3ArgsError, BD3EvalLM
 from bd3_plugin.scoring import report, score_documents
 from bd3_plugin.synthetic import Source, text_words
 from bd3_plugin.tinyworld import HELDOUT, checkpoint_path, read_heldout
+from helpers import ar_logprobs
 
 HELDOUT_DOCS = read_heldout(HELDOUT)
 
@@ -30,24 +31,12 @@ def lm1():
     return BD3EvalLM(pretrained=str(checkpoint_path(1)), batch_size=8)
 
 
-def exact_ar_logprob(model, ctx: list[int], cont: list[int]) -> float:
-    """log p(cont | ctx) of an L' = 1 model, one forward per token with a mask in the token's slot."""
-    mask_id, total = model.config.mask_id, 0.0
-    for i, tok in enumerate(cont):
-        view = torch.tensor([ctx + cont[:i] + [mask_id]])
-        with torch.no_grad():
-            logits = model(view)[0, -1].double()
-        logits[mask_id] = -float("inf")
-        total += torch.log_softmax(logits, -1)[tok].item()
-    return total
-
-
 def test_block_size_one_gives_the_exact_ar_logprob(lm1):
     pairs = [("the old cow", " sleeps . <eos>"), ("", "a ship runs ."), ("some wolves", " follow the owl")]
     got = lm1.loglikelihood(ll_requests(pairs), disable_tqdm=True)
     for (ctx, cont), (ll, _) in zip(pairs, got):
         ctx_ids = lm1.tok_encode(ctx) or [lm1.eot_token_id]
-        expect = exact_ar_logprob(lm1.model, ctx_ids, lm1.tok_encode(cont))
+        expect = sum(ar_logprobs(lm1.model, ctx_ids, lm1.tok_encode(cont)))
         assert math.isclose(ll, expect, rel_tol=1e-4), (ctx, cont, ll, expect)
 
 
