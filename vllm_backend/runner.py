@@ -104,7 +104,7 @@ class BD3ModelRunner(CPUModelRunner):
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
                        **kwargs):
-        self.forward_passes += 1
+        self.forward_passes += 1  # the step's only pass, or its commit pass; denoising passes count in forward()
         step = self._step
         self._blocks = {}
         rows = self._block_rows(step) if step is not None and step.scheduled_spec_decode_tokens else []
