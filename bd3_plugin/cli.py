@@ -94,7 +94,7 @@ def add_train_parser(sub) -> None:
 def _checkpoint_arg(args) -> str:
     if args.checkpoint is not None:
         return args.checkpoint
-    from .tinyworld import checkpoint_path
+    from .tinyworld.data import checkpoint_path
 
     return str(checkpoint_path())
 
@@ -122,7 +122,7 @@ def cmd_info(args) -> dict:
 
 def cmd_nelbo(args) -> dict:
     from .scoring import report, score_documents
-    from .tinyworld import HELDOUT, read_heldout, true_nll_per_token
+    from .tinyworld.data import HELDOUT, read_heldout, true_nll_per_token
 
     truth = None
     if args.text_file is None:
@@ -219,8 +219,8 @@ def cmd_serve(args) -> dict:
 
 
 def cmd_world(args) -> dict:
-    from .tinyworld import HELDOUT, bundled_checkpoints, read_heldout
-    from .world_report import as_dicts, markdown, world_rows
+    from .tinyworld.data import HELDOUT, bundled_checkpoints, read_heldout
+    from .tinyworld.report import as_dicts, markdown, world_rows
 
     if args.mc_samples < 1 or args.samples < 1:
         raise UsageError("--mc-samples and --samples must be >= 1")

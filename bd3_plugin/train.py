@@ -71,8 +71,8 @@ def rows_from_stream(ids: list[int], length: int) -> torch.Tensor:
 
 def training_data(data: str, tokenizer_dir: Path | None, length: int, n_docs: int):
     """Rows (R, length) and the tokenizer: the synthetic corpus, or a text file with its tokenizer."""
-    from .synthetic import build_tokenizer
-    from .tinyworld import stream_ids, training_docs
+    from .tinyworld.grammar import build_tokenizer
+    from .tinyworld.data import stream_ids, training_docs
 
     if data == "synthetic":
         tokenizer = build_tokenizer()

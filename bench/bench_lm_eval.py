@@ -13,7 +13,7 @@ import torch
 from lm_eval.api.instance import Instance
 
 from bd3_plugin.lm_eval_adapter import BD3EvalLM
-from bd3_plugin.tinyworld import checkpoint_path, mc_pairs, read_heldout
+from bd3_plugin.tinyworld.data import checkpoint_path, mc_pairs, read_heldout
 
 
 def main() -> None:

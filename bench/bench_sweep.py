@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bd3_plugin.tinyworld import bundled_checkpoints
+from bd3_plugin.tinyworld.data import bundled_checkpoints
 from ray_jobs.launcher import run_sweep
 from ray_jobs.plan import plan
 from ray_jobs.unit import run_unit

@@ -82,7 +82,7 @@ def main() -> None:
     import torch
 
     from bd3_plugin.checkpoint import load_checkpoint
-    from bd3_plugin.tinyworld import checkpoint_path
+    from bd3_plugin.tinyworld.data import checkpoint_path
 
     path = str(checkpoint_path(args.block_size))
     ckpt = load_checkpoint(path)

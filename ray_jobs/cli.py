@@ -38,7 +38,7 @@ def known_tasks(groups: list[list[str]]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bd3_plugin.tinyworld import CHECKPOINTS
+    from bd3_plugin.tinyworld.data import CHECKPOINTS
 
     p = argparse.ArgumentParser(prog="bd3-sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", nargs="+", default=[str(CHECKPOINTS / "*")],

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bd3=.venv/bin/bd3
-.venv/bin/python -c "from bd3_plugin.tinyworld import HELDOUT, write_heldout; write_heldout(HELDOUT, 400)"
+.venv/bin/python -c "from bd3_plugin.tinyworld.data import HELDOUT, write_heldout; write_heldout(HELDOUT, 400)"
 for L in "${@:-1 4 16 128}"; do
     for size in $L; do
         extra=()

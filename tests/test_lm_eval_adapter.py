@@ -9,8 +9,8 @@ from lm_eval.api.registry import get_model
 
 from bd3_plugin.lm_eval_adapter import BD3ArgsError, BD3EvalLM
 from bd3_plugin.scoring import report, score_documents
-from bd3_plugin.synthetic import Source, text_words
-from bd3_plugin.tinyworld import HELDOUT, checkpoint_path, read_heldout
+from bd3_plugin.tinyworld.grammar import Source, text_words
+from bd3_plugin.tinyworld.data import HELDOUT, checkpoint_path, read_heldout
 from helpers import ar_logprobs
 
 HELDOUT_DOCS = read_heldout(HELDOUT)

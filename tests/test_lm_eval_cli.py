@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bd3_plugin.tinyworld import HELDOUT, checkpoint_path, read_heldout
+from bd3_plugin.tinyworld.data import HELDOUT, checkpoint_path, read_heldout
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))

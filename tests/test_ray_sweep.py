@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bd3_plugin.tinyworld import checkpoint_path
+from bd3_plugin.tinyworld.data import checkpoint_path
 from ray_jobs.plan import Unit, plan, status
 from ray_jobs.unit import run_unit
 

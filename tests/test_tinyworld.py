@@ -7,9 +7,9 @@ from bd3_plugin.checkpoint import load_checkpoint
 import torch
 
 from bd3_plugin.scoring import score_documents
-from bd3_plugin.synthetic import Source, text_words
-from bd3_plugin.tinyworld import BLOCK_SIZES, HELDOUT, bundled_checkpoints, checkpoint_path, read_heldout
-from bd3_plugin.world_report import sample_validity
+from bd3_plugin.tinyworld.grammar import Source, text_words
+from bd3_plugin.tinyworld.data import BLOCK_SIZES, HELDOUT, bundled_checkpoints, checkpoint_path, read_heldout
+from bd3_plugin.tinyworld.report import sample_validity
 
 HELDOUT_DOCS = read_heldout(HELDOUT)
 

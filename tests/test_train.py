@@ -3,8 +3,8 @@ import torch
 
 from bd3_plugin.checkpoint import load_checkpoint
 from bd3_plugin.scoring import score_documents
-from bd3_plugin.synthetic import build_tokenizer
-from bd3_plugin.tinyworld import stream_ids, training_docs
+from bd3_plugin.tinyworld.grammar import build_tokenizer
+from bd3_plugin.tinyworld.data import stream_ids, training_docs
 from bd3_plugin.train import TrainConfig, Trainer, loss_fn, resampled_noise, rows_from_stream
 
 TC = dict(block_size=4, model_length=32, hidden_dim=64, n_heads=2, n_blocks=2, cond_dim=16, batch_size=8,

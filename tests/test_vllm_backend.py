@@ -11,7 +11,7 @@ import torch
 from bd3_plugin.checkpoint import load_checkpoint
 from bd3_plugin.generate import SamplerConfig, generate
 from bd3_plugin.noise import seeded_generators
-from bd3_plugin.tinyworld import checkpoint_path
+from bd3_plugin.tinyworld.data import checkpoint_path
 from vllm_backend.params import sampler_config
 
 WORKER = Path(__file__).with_name("vllm_parity_worker.py")

@@ -15,7 +15,7 @@ import requests
 from bd3_plugin.checkpoint import load_checkpoint
 from bd3_plugin.generate import SamplerConfig, generate
 from bd3_plugin.noise import seeded_generators
-from bd3_plugin.tinyworld import checkpoint_path
+from bd3_plugin.tinyworld.data import checkpoint_path
 
 pytestmark = pytest.mark.slow
 BD3 = str(Path(sys.executable).with_name("bd3"))

@@ -1,7 +1,7 @@
 import datasets
 
-from bd3_plugin.synthetic import Source, text_words
-from bd3_plugin.tinyworld import generation_prompts
+from bd3_plugin.tinyworld.grammar import Source, text_words
+from bd3_plugin.tinyworld.data import generation_prompts
 
 _SOURCE = Source()
 

@@ -1,6 +1,6 @@
 import datasets
 
-from bd3_plugin.tinyworld import mc_pairs
+from bd3_plugin.tinyworld.data import mc_pairs
 
 
 def load(**kwargs):

@@ -1,6 +1,6 @@
 import datasets
 
-from bd3_plugin.tinyworld import read_heldout
+from bd3_plugin.tinyworld.data import read_heldout
 
 
 def load(**kwargs):

@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .synthetic import EOS, Source, corpus, doc_text
+from .grammar import EOS, Source, corpus, doc_text
 
-PACKAGE_DIR = Path(__file__).parent
+PACKAGE_DIR = Path(__file__).parent.parent  # bd3_plugin/
 CHECKPOINTS = PACKAGE_DIR / "checkpoints"
 HELDOUT = PACKAGE_DIR / "data" / "synthetic_heldout.jsonl"
 TRAIN_SEED, HELDOUT_SEED = 1000, 7  # disjoint seeds: held-out documents are drawn independently

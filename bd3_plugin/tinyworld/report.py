@@ -6,12 +6,12 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .checkpoint import load_checkpoint
-from .generate import ALGORITHMS, SamplerConfig, generate
-from .noise import seeded_generators
-from .scoring import report, score_documents
-from .synthetic import EOS, Source
-from .tinyworld import HELDOUT, bundled_checkpoints, read_heldout, true_nll_per_token
+from ..checkpoint import load_checkpoint
+from ..generate import ALGORITHMS, SamplerConfig, generate
+from ..noise import seeded_generators
+from ..scoring import report, score_documents
+from .grammar import EOS, Source
+from .data import HELDOUT, bundled_checkpoints, read_heldout, true_nll_per_token
 
 
 @dataclass(frozen=True)

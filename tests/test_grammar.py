@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from bd3_plugin.synthetic import (EOS, Lexicon, Source, SourceConfig, build_tokenizer, corpus, doc_text,
+from bd3_plugin.tinyworld.grammar import (EOS, Lexicon, Source, SourceConfig, build_tokenizer, corpus, doc_text,
                                   text_words)
 
 SMALL = SourceConfig(
