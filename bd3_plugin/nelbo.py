@@ -33,7 +33,7 @@ def draw_noise(x_0: torch.Tensor, eligible: torch.Tensor, block_size: int, mask_
     b, n = x_0.shape
     lengths = [n] * b if lengths is None else lengths
     x_t = x_0.repeat_interleave(samples, dim=0).cpu()
-    t_tok = torch.ones(b * samples, n)
+    t_tok = torch.ones(b * samples, n, device="cpu")  # noise is drawn on the CPU generators
     for row, (gen, m) in enumerate(zip(per_row(generators, b), lengths)):
         t = sample_t(-(-m // block_size), samples, gen, eps_min=eps_min, eps_max=eps_max, antithetic=antithetic)
         rows = slice(row * samples, (row + 1) * samples)

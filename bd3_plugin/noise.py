@@ -48,9 +48,9 @@ def sample_t(n_blocks: int, samples: int, generator: torch.Generator, *, eps_min
     reference code, would give block b a biased range of t).
     """
     n = samples * n_blocks
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
     if antithetic:
-        u = (u + torch.randperm(n, generator=generator).double()) / n
+        u = (u + torch.randperm(n, generator=generator, device=generator.device).double()) / n
     t = eps_min + (eps_max - eps_min) * u
     return t.view(samples, n_blocks).float()
 
@@ -58,5 +58,5 @@ def sample_t(n_blocks: int, samples: int, generator: torch.Generator, *, eps_min
 def mask_tokens(x_0: torch.Tensor, t_tok: torch.Tensor, eligible: torch.Tensor, mask_id: int,
                 generator: torch.Generator) -> torch.Tensor:
     """Mask each eligible token independently with probability t (its block's noise level)."""
-    u = torch.rand(x_0.shape, generator=generator, dtype=torch.float64)
+    u = torch.rand(x_0.shape, generator=generator, dtype=torch.float64, device=generator.device)
     return torch.where(eligible & (u < t_tok.double()), torch.full_like(x_0, mask_id), x_0)

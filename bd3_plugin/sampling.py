@@ -40,7 +40,7 @@ def token_probs(logits: torch.Tensor, mask_id: int, temperature: float = 1.0, to
 def _row_draws(generators: list[torch.Generator], counts: list[int], width: int | None, device) -> torch.Tensor:
     """Uniform float64 draws, `counts[r]` (× width) from row r's own generator, stacked in row order."""
     shape = (lambda n: (n,)) if width is None else (lambda n: (n, width))
-    parts = [torch.rand(shape(n), generator=g, dtype=torch.float64) for g, n in zip(generators, counts) if n]
+    parts = [torch.rand(shape(n), generator=g, dtype=torch.float64, device=g.device) for g, n in zip(generators, counts) if n]
     if not parts:
         return torch.zeros(shape(0), dtype=torch.float64, device=device)
     return torch.cat(parts).to(device)

@@ -3,7 +3,7 @@
 1. NELBO: the vectorised x_t ⊕ x_0 pass against a loop of one forward per block (16 blocks).
 2. Sampling: the batched sampler at batch 16 against batch 1 (generated tokens per second).
 
-    python bench/bench_core.py [--threads N]
+    python bench/bench_core.py [--threads N] [--device cuda] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -20,12 +20,19 @@ from bd3_plugin.nelbo import nelbo_terms
 from bd3_plugin.noise import seeded_generators
 
 
-def best_of(fn, repeats: int) -> float:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # CUDA kernels run asynchronously: time the work, not its launch
+
+
+def best_of(fn, repeats: int, device: str) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -35,6 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,16 +50,16 @@ def main() -> None:
                     cond_dim=64, dropout=0.0)
     model = BD3LM(cfg)
     model.reset_parameters(torch.Generator().manual_seed(0), adaln_zero=False)
-    model = model.eval().to(args.device)
+    model = model.eval().to(device=args.device, dtype=getattr(torch, args.dtype))
     print(f"# machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, device {args.device}")
+          f"threads {torch.get_num_threads()}, device {args.device}, {args.dtype}")
     print(f"# model: {cfg.n_blocks} layers × {cfg.hidden_dim}, vocab {cfg.vocab_size}, L={cfg.model_length}, "
           f"L'={cfg.block_size} ({cfg.num_blocks} blocks)")
 
     x = torch.randint(0, 1000, (8, cfg.model_length), generator=torch.Generator().manual_seed(1)).to(args.device)
     with torch.no_grad():
-        vec = best_of(lambda: nelbo_terms(model, x, seeded_generators(range(8))), args.repeats)
-        loop = best_of(lambda: nelbo_terms(model, x, seeded_generators(range(8)), vectorized=False), args.repeats)
+        vec = best_of(lambda: nelbo_terms(model, x, seeded_generators(range(8))), args.repeats, args.device)
+        loop = best_of(lambda: nelbo_terms(model, x, seeded_generators(range(8)), vectorized=False), args.repeats, args.device)
     print(f"nelbo  batch 8 × {cfg.model_length}: vectorised {vec * 1e3:8.1f} ms   per-block loop "
           f"{loop * 1e3:8.1f} ms   ratio {loop / vec:5.2f}x")
 
@@ -59,8 +67,10 @@ def main() -> None:
     prompt = list(range(1, 21))
 
     def run(batch: int) -> float:
+        sync(args.device)
         start = time.perf_counter()
         out = generate(model, [prompt] * batch, sampler, seeded_generators(range(batch)))
+        sync(args.device)
         tokens = sum(len(g.tokens) for g in out.generations)
         return tokens / (time.perf_counter() - start)
 

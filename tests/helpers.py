@@ -18,9 +18,10 @@ def tiny_config(**overrides) -> BD3Config:
 
 def random_model(cfg: BD3Config | None = None, seed: int = 0) -> BD3LM:
     """Every weight drawn at random (adaLN included), so that the function is not trivial."""
-    model = BD3LM(cfg or tiny_config())
-    model.reset_parameters(torch.Generator().manual_seed(seed), adaln_zero=False)
-    return model.eval()
+    with torch.device("cpu"):  # the generator is a CPU one; the weights move to the default device after
+        model = BD3LM(cfg or tiny_config())
+        model.reset_parameters(torch.Generator().manual_seed(seed), adaln_zero=False)
+    return model.to(torch.get_default_device()).eval()
 
 
 def ar_logprobs(model: BD3LM, context: list[int], tokens: list[int]) -> list[float]:
