@@ -8,6 +8,7 @@ block the chosen sampler reveals tokens until none is masked; then one commit pa
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import BD3LM
-from .noise import Generators, per_row
+from .noise import Generators, per_row, seeded_generators
 from .denoise import denoise_block
 
 ALGORITHMS = ("first_hitting", "ddpm", "threshold")
@@ -125,11 +126,20 @@ class _Batch:
         self.first_gen = [self.first_gen[i] for i in live]
 
 
+def draw_seeds(n: int) -> list[int]:
+    """Fresh seeds from the operating system, for rows that were given no generator."""
+    rng = random.SystemRandom()
+    return [rng.getrandbits(63) for _ in range(n)]
+
+
 @torch.no_grad()
-def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConfig, generators: Generators,
-             eos_id: int | None = None) -> GenerateOutput:
+def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConfig,
+             generators: Generators | None = None, eos_id: int | None = None) -> GenerateOutput:
     """Generate a continuation of every prompt (lists of token ids). One generator per row makes each
-    row's result independent of the batch; a single generator is shared in row order."""
+    row's result independent of the batch; a single generator is shared in row order. Without
+    generators each row gets a freshly drawn seed; at temperature 0 no generator is drawn from."""
+    if generators is None:
+        generators = seeded_generators(draw_seeds(len(prompts)))
     if not prompts:
         return GenerateOutput([], 0, 0)
     cfg = model.config
