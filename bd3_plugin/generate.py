@@ -18,6 +18,7 @@ import torch
 from .model import BD3LM
 from .noise import Generators, per_row, seeded_generators
 from .denoise import denoise_block
+from .trajectory import BlockRecorder, Trajectory, TrajectoryBuilder
 
 ALGORITHMS = ("first_hitting", "ddpm", "threshold")
 
@@ -69,6 +70,7 @@ class GenerateOutput:
     generations: list[Generation]
     denoise_passes: int  # batched forward passes over noisy blocks
     commit_passes: int  # batched forward passes that stored clean blocks (prompt prefill included)
+    trajectories: list[Trajectory] | None = None  # per row, with `record=True`
 
     @property
     def forward_passes(self) -> int:
@@ -132,16 +134,35 @@ def draw_seeds(n: int) -> list[int]:
     return [rng.getrandbits(63) for _ in range(n)]
 
 
+def _builders(prompts, generators: Generators | None, model: BD3LM, config: SamplerConfig
+              ) -> list[TrajectoryBuilder]:
+    """One trajectory builder per row, with the row's seed and whether that seed alone replays it."""
+    if generators is None:
+        seeds, drawn, replays = draw_seeds(len(prompts)), True, [True] * len(prompts)
+    else:
+        gens = per_row(generators, len(prompts))
+        seeds, drawn = [g.initial_seed() for g in gens], False
+        shared = len({id(g) for g in gens}) < len(gens)
+        replays = [not shared and torch.equal(g.get_state(), torch.Generator().manual_seed(sd).get_state())
+                   for g, sd in zip(gens, seeds)]
+    cfg = model.config
+    return [TrajectoryBuilder(p, cfg.block_size, cfg.mask_id, config, sd, drawn, rp)
+            for p, sd, rp in zip(prompts, seeds, replays)]
+
+
 @torch.no_grad()
 def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConfig,
-             generators: Generators | None = None, eos_id: int | None = None) -> GenerateOutput:
+             generators: Generators | None = None, eos_id: int | None = None, *,
+             record: bool = False) -> GenerateOutput:
     """Generate a continuation of every prompt (lists of token ids). One generator per row makes each
     row's result independent of the batch; a single generator is shared in row order. Without
-    generators each row gets a freshly drawn seed; at temperature 0 no generator is drawn from."""
+    generators each row gets a freshly drawn seed; at temperature 0 no generator is drawn from.
+    `record=True` returns each row's `Trajectory` too (the tokens are the same either way)."""
+    builders = _builders(prompts, generators, model, config) if record else None
     if generators is None:
-        generators = seeded_generators(draw_seeds(len(prompts)))
+        generators = seeded_generators([b.head["seed"] for b in builders] if record else draw_seeds(len(prompts)))
     if not prompts:
-        return GenerateOutput([], 0, 0)
+        return GenerateOutput([], 0, 0, [] if record else None)
     cfg = model.config
     for p in prompts:
         bad = [t for t in p if not 0 <= t < cfg.vocab_size or t == cfg.mask_id]
@@ -149,7 +170,7 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
             raise ValueError(f"prompt token {bad[0]} is outside the vocabulary or is the mask id")
     batch = _Batch(model, prompts, per_row(generators, len(prompts)))
     out = [Generation() for _ in prompts]
-    commits = 0
+    commits, row_commits = 0, [int(len(p) >= batch.size) for p in prompts]
     if batch.prefill is not None:
         ids, positions, valid = batch.prefill
         model.commit(ids, positions, batch.cache, valid)
@@ -157,11 +178,16 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
     denoise = 0
     while batch.rows:
         positions = batch.positions()
+        recorder = BlockRecorder(config, batch.mask_id) if record else None
         done = denoise_block(batch.block, lambda blk: model.denoise(blk, positions, batch.cache), config,
-                             batch.generators, batch.mask_id)
+                             batch.generators, batch.mask_id, recorder=recorder)
         denoise += done.passes
         before = torch.tensor([out[r].denoise_steps for r in batch.rows], device=done.row_steps.device)
         reveal_step = torch.where(done.reveal_step > 0, done.reveal_step + before[:, None], 0)
+        if record:
+            block_record = recorder.finish()
+            for r, orig in enumerate(batch.rows):
+                builders[orig].add_block(block_record, r, batch.block[r], out[orig].denoise_steps)
         for r, orig in enumerate(batch.rows):
             out[orig].denoise_steps += int(done.row_steps[r])
         live = _collect(batch, reveal_step, prompts, config, out, eos_id)
@@ -170,10 +196,16 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
             break
         model.commit(batch.block, batch.positions(), batch.cache)
         commits += 1
+        for orig in batch.rows:
+            row_commits[orig] += 1
         batch.start = batch.start + batch.size
         batch.block.fill_(batch.mask_id)
         batch.first_gen = [0] * len(batch.rows)
-    return GenerateOutput(out, denoise, commits)
+    trajectories = None
+    if record:
+        trajectories = [b.build(len(g.tokens), g.finish_reason, g.denoise_steps, c)
+                        for b, g, c in zip(builders, out, row_commits)]
+    return GenerateOutput(out, denoise, commits, trajectories)
 
 
 def _collect(batch: _Batch, reveal_step: torch.Tensor, prompts, config: SamplerConfig, out: list[Generation],
