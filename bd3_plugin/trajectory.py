@@ -50,8 +50,12 @@ def token_terms(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, temper
 def threshold_miss_log_prob(logits: torch.Tensor, mask_id: int, temperature: float, top_p: float,
                             threshold: float) -> torch.Tensor:
     """log P(the token proposed at a position falls below the threshold) = log Σ_v q(v)·1[q(v) < τ], (n,)."""
-    q = token_probs(logits, mask_id, temperature, top_p)
-    return (q * (q < threshold)).sum(dim=-1).log()
+    return miss_log_prob(token_probs(logits, mask_id, temperature, top_p), threshold)
+
+
+def miss_log_prob(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """log Σ_v q(v)·1[q(v) < τ] for distributions q (n, V)."""
+    return (probs * (probs < threshold)).sum(dim=-1).log()
 
 
 def selection_log_prob(algorithm: str, n_masked: torch.Tensor, n_revealed: torch.Tensor,
@@ -187,11 +191,21 @@ class BlockRecorder:
         self.rows: list[tuple[torch.Tensor, ...]] = []
 
     def step(self, logits: torch.Tensor, masked: torch.Tensor, reveal: torch.Tensor, tokens: torch.Tensor,
-             passes: torch.Tensor, grid: int, t: float, s: float) -> None:
+             passes: torch.Tensor, grid: int, t: float, s: float, where: torch.Tensor | None = None,
+             probs: torch.Tensor | None = None) -> None:
         """One sampler step: logits (B, L', V) it used, the masks before it, what it revealed, the tokens
-        (threshold: the proposals at every masked slot), each row's pass count (B,) and the DDPM grid."""
+        (threshold: the proposals at every masked slot), each row's pass count (B,), the DDPM grid index
+        and levels; optionally the sampler's distributions `probs` (n, V) at the slots `where` (B, L')."""
         cfg = self.config
-        lp, raw, ent = token_terms(logits[reveal], tokens[reveal], self.mask_id, cfg.temperature, cfg.top_p)
+        if probs is None:
+            where, probs = masked, token_probs(logits[masked], self.mask_id, cfg.temperature, cfg.top_p)
+        tok = tokens[reveal]
+        raw = raw_log_probs(logits[reveal], self.mask_id).gather(-1, tok[:, None]).squeeze(-1)
+        q_tok = probs[reveal[where]].gather(-1, tok[:, None]).squeeze(-1)  # (n,) the sampler's p of each token
+        if cfg.temperature == 0:  # a point mass on the argmax
+            lp, ent = torch.zeros_like(raw), torch.zeros_like(raw)
+        else:
+            lp, ent = q_tok.log(), entropy(probs[reveal[where]])
         self.logprob[reveal], self.logprob_raw[reveal], self.entropy[reveal] = lp, raw, ent
         self.reveal_pass[reveal] = passes[:, None].expand_as(reveal)[reveal]
         self.reveal_grid[reveal] = grid
@@ -199,24 +213,19 @@ class BlockRecorder:
         n_masked, n_revealed = masked.sum(dim=1), reveal.sum(dim=1)
         lp_sum = torch.zeros(len(masked), dtype=torch.float64, device=masked.device).index_add_(0, row, lp)
         ent_sum = torch.zeros_like(lp_sum).index_add_(0, row, ent)
-        select, known = self._selection(logits, masked, reveal, tokens, n_masked, n_revealed, t, s)
-        self.rows.append((n_masked > 0, passes.clone(), n_masked, n_revealed, lp_sum, select, known,
-                          ent_sum / n_revealed))
-
-    def _selection(self, logits, masked, reveal, tokens, n_masked, n_revealed, t, s):
-        cfg = self.config
         known = torch.ones_like(n_masked, dtype=torch.bool)
         if cfg.temperature == 0:  # the greedy rule is a function of the state: probability 1
-            return torch.zeros_like(n_masked, dtype=torch.float64), known
-        if cfg.algorithm != "threshold":
-            return selection_log_prob(cfg.algorithm, n_masked, n_revealed, ddpm_reveal_probability(t, s)), known
-        miss = masked & ~reveal
-        terms = threshold_miss_log_prob(logits[miss], self.mask_id, cfg.temperature, cfg.top_p, cfg.threshold)
-        select = torch.zeros_like(n_masked, dtype=torch.float64).index_add_(0, miss.nonzero()[:, 0], terms)
-        q = token_probs(logits[reveal], self.mask_id, cfg.temperature, cfg.top_p)
-        sure = q.gather(-1, tokens[reveal][:, None]).squeeze(-1) >= cfg.threshold
-        known = torch.zeros_like(n_masked).index_add_(0, reveal.nonzero()[:, 0], sure.long()) > 0
-        return torch.where(known, select, torch.full_like(select, float("nan"))), known
+            select = torch.zeros_like(lp_sum)
+        elif cfg.algorithm != "threshold":
+            select = selection_log_prob(cfg.algorithm, n_masked, n_revealed, ddpm_reveal_probability(t, s))
+        else:
+            miss = masked & ~reveal
+            terms = miss_log_prob(probs[miss[where]], cfg.threshold)
+            select = torch.zeros_like(lp_sum).index_add_(0, miss.nonzero()[:, 0], terms)
+            known = torch.zeros_like(n_masked).index_add_(0, row, (q_tok >= cfg.threshold).long()) > 0
+            select = torch.where(known, select, torch.full_like(select, float("nan")))
+        self.rows.append((n_masked > 0, passes.clone(), n_masked, n_revealed, lp_sum, select, known,
+                          ent_sum / n_revealed))
 
     def finish(self) -> BlockRecord:
         cols = [torch.stack(c) for c in zip(*self.rows)]  # each (S, B)
