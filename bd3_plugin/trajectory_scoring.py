@@ -155,3 +155,98 @@ def _assemble(t: Trajectory, part: dict) -> TrajectoryScores:
         select = selection_log_prob(cfg.algorithm, n_masked, n_revealed, p)
     return TrajectoryScores(lp, raw, ent, scored, sums(lp), select, sums(ent) / n_revealed.to(dev), step_scored,
                             part["full"])
+
+
+def _pack(model: BD3LM, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]):
+    """x_0 (B, n) right-padded, valid (B, n), and which positions hold the completion (B, n)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts and {len(completions)} completions")
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    n = max(len(s) for s in seqs)
+    if n > model.config.model_length:
+        raise ValueError(f"a sequence of {n} tokens exceeds model_length {model.config.model_length}")
+    x_0 = torch.zeros(len(seqs), n, dtype=torch.long)
+    valid, completion = torch.zeros(len(seqs), n, dtype=torch.bool), torch.zeros(len(seqs), n, dtype=torch.bool)
+    for j, (p, s) in enumerate(zip(prompts, seqs)):
+        x_0[j, : len(s)], valid[j, : len(s)], completion[j, len(p) : len(s)] = torch.tensor(s), True, True
+    dev = model.device
+    return x_0.to(dev), valid.to(dev), completion.to(dev)
+
+
+def _masked_log_probs(model: BD3LM, x_t: torch.Tensor, x_0: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Raw log p_θ(x_0 | x_t) at every position (B, n), from one x_t ⊕ x_0 pass."""
+    logits = model.forward_train(x_t, x_0, valid)
+    return raw_log_probs(logits, model.config.mask_id).gather(-1, x_0[..., None]).squeeze(-1)
+
+
+def mean_field_logprobs(model: BD3LM, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+                        ) -> list[torch.Tensor]:
+    """One-pass mean-field log-probs (d1, wd1): every completion token masked, each block seeing the clean
+    earlier blocks (prompt and completion) and its own fully masked slots (the prompt's tail stays clean).
+    Returns per completion its token log-probs (raw: temperature 1, SUBS), with gradients."""
+    x_0, valid, completion = _pack(model, prompts, completions)
+    x_t = torch.where(completion, torch.full_like(x_0, model.config.mask_id), x_0)
+    lp = _masked_log_probs(model, x_t, x_0, valid)
+    return [lp[j][completion[j]] for j in range(len(prompts))]
+
+
+def shared_noise_nelbo(models: Sequence[BD3LM], x_0: torch.Tensor, generators: Generators, *,
+                       eligible: torch.Tensor | None = None, valid: torch.Tensor | None = None, samples: int = 1,
+                       eps_min: float = 1e-3, eps_max: float = 1.0, antithetic: bool = True
+                       ) -> tuple[list[torch.Tensor], NoiseDraw]:
+    """Per-token NELBO terms (B, samples, L) of each model on one shared noise draw (the same t and masks
+    for a policy and its reference: VRPO's antithetic pairing), and the draw. Arguments as `nelbo_samples`,
+    whose terms each model's equal when it is given identically seeded generators."""
+    cfg = models[0].config
+    for m in models[1:]:
+        if (m.config.block_size, m.config.mask_id) != (cfg.block_size, cfg.mask_id):
+            raise ValueError("models with different block sizes or mask ids cannot share a noise draw")
+    valid = torch.ones_like(x_0, dtype=torch.bool) if valid is None else valid
+    if eligible is None:
+        eligible = valid.clone()
+        eligible[:, 0] = False
+    draw = draw_noise(x_0, eligible & valid, cfg.block_size, cfg.mask_id, generators, samples=samples,
+                      eps_min=eps_min, eps_max=eps_max, antithetic=antithetic, lengths=valid.sum(1).tolist())
+    x0_rep, valid_rep = x_0.repeat_interleave(samples, dim=0), valid.repeat_interleave(samples, dim=0)
+    terms = [terms_from_logits(m.forward_train(draw.x_t, x0_rep, valid_rep), draw, x0_rep, cfg.mask_id)
+             .view(x_0.shape[0], samples, -1) for m in models]
+    return terms, draw
+
+
+@dataclass
+class CoupledScores:
+    """Two complementary views of each completion (B, n): view A masks `mask_a`, view B the rest."""
+
+    logprob_a: torch.Tensor  # raw log-probs where view A masks (0 elsewhere)
+    logprob_b: torch.Tensor  # raw log-probs where view B masks (0 elsewhere)
+    mask_a: torch.Tensor
+    completion: torch.Tensor
+    t: torch.Tensor  # each position's block level: view A masks with probability t
+    weighted: torch.Tensor  # logprob_a / t where view A masks, logprob_b / (1 − t) where view B does
+
+
+def coupled_logprobs(model: BD3LM, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                     generators: Generators, *, t_min: float = 0.2, t_max: float = 0.8) -> CoupledScores:
+    """Complementary-mask log-probs (coupled-GRPO): per (sequence, block) t ~ U(t_min, t_max), view A
+    masks each completion token with probability t and view B masks exactly the others, so every token
+    is scored once; one pass over both views. Each row draws from its own generator."""
+    if not 0 < t_min <= t_max < 1:
+        raise ValueError(f"need 0 < t_min <= t_max < 1, got {t_min}, {t_max}")
+    x_0, valid, completion = _pack(model, prompts, completions)
+    b, n = x_0.shape
+    size, mask_id = model.config.block_size, model.config.mask_id
+    t = torch.full((b, n), 0.5, dtype=torch.float64)  # padding keeps a harmless level
+    u = torch.ones(b, n, dtype=torch.float64)
+    for j, (gen, m) in enumerate(zip(per_row(generators, b), valid.sum(1).tolist())):
+        # a row draws for its own length only, so its masks do not depend on the batch
+        levels = t_min + (t_max - t_min) * torch.rand(-(-m // size), generator=gen, dtype=torch.float64)
+        t[j, :m] = levels.repeat_interleave(size)[:m]
+        u[j, :m] = torch.rand(m, generator=gen, dtype=torch.float64)
+    t, u = t.to(x_0.device), u.to(x_0.device)
+    mask_a = completion & (u < t)
+    mask_b = completion & ~mask_a
+    views = torch.cat((torch.where(mask_a, mask_id, x_0), torch.where(mask_b, mask_id, x_0)))  # (2B, n)
+    lp = _masked_log_probs(model, views, x_0.repeat(2, 1), valid.repeat(2, 1))
+    lp_a, lp_b = torch.where(mask_a, lp[:b], 0.0), torch.where(mask_b, lp[b:], 0.0)
+    weighted = lp_a / t + lp_b / (1 - t)
+    return CoupledScores(lp_a, lp_b, mask_a, completion, t, weighted)

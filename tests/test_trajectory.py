@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from bd3_plugin.generate import SamplerConfig, generate
+from bd3_plugin.nelbo import nelbo_samples
 from bd3_plugin.noise import seeded_generators
 from bd3_plugin.sampling import ddpm_reveal_probability, token_probs
-from helpers import assert_close, random_model, tiny_config
+from bd3_plugin.trajectory_scoring import (coupled_logprobs, mean_field_logprobs, score_trajectory,
+                                           shared_noise_nelbo)
+from helpers import ar_logprobs, assert_close, random_model, tiny_config
 
 # Prompts ending inside a block and on a block boundary; rows stop inside a block (11 tokens, L' = 4).
 PROMPTS = [[], [3], [4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
@@ -137,3 +140,133 @@ def test_the_last_block_is_kept_whole_after_the_stop_point():
             assert t.tokens[first_tail] == 9 and first_tail // 4 == len(t.tokens) // 4 - 1
             stopped += tail.sum() > 1
     assert stopped  # some row has tokens after its EOS, kept and marked
+
+
+# ---- score_trajectory ---------------------------------------------------------------------------------
+
+def assert_scores_equal_record(traj, sc, atol=1e-5, what=""):
+    assert torch.equal(sc.scored, traj.reveal_pass > 0)
+    for name, rec in (("logprob", traj.logprob), ("logprob_raw", traj.logprob_raw), ("entropy", traj.entropy)):
+        assert_close(getattr(sc, name).detach(), rec, atol, f"{what} {name}")
+    st = traj.steps
+    assert_close(sc.step_logprob_tokens.detach(), st.logprob_tokens, atol, f"{what} step tokens")
+    assert torch.equal(sc.step_logprob_select.isnan(), st.logprob_select.isnan()), what
+    assert_close(sc.step_logprob_select.detach().nan_to_num(0), st.logprob_select.nan_to_num(0), atol, what)
+    assert_close(sc.step_entropy_mean.detach().nan_to_num(0), st.entropy_mean.nan_to_num(0), atol, what)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_score_trajectory_equals_the_rollout(algorithm):
+    """Prompts ending inside a block and on its edge; rows stopping inside a block at the length limit
+    and at EOS (the tail after the stop is replayed too); all in one batch of mixed lengths."""
+    model = random_model()
+    for kw in SETTINGS:
+        for eos in (None, 9):
+            out = generate(model, PROMPTS, sampler(algorithm, **kw), seeded_generators(range(4)), eos_id=eos,
+                           record=True)
+            for t, sc in zip(out.trajectories, score_trajectory(model, out.trajectories)):
+                assert_scores_equal_record(t, sc, what=f"{algorithm} {kw} eos={eos} prompt={len(t.prompt)}")
+            if eos is None:
+                assert all(len(t.output) == 11 for t in out.trajectories)
+                assert all(len(out.trajectories[i].output) < (out.trajectories[i].reveal_pass > 0).sum()
+                           for i in (0, 2))  # the limit falls inside a block
+
+
+def test_score_trajectory_selected_steps_full_vocabulary_and_gradients():
+    model = random_model()
+    out = generate(model, PROMPTS, sampler("first_hitting", temperature=0.8, top_p=0.9),
+                   seeded_generators(range(4)), record=True)
+    t = out.trajectories[2]
+    chosen = [(int(t.steps.block[k]), int(t.steps.pass_index[k])) for k in (0, 3, 5)]
+    sc = score_trajectory(model, [t], steps=[chosen], full_vocab=[chosen[1:]])[0]
+    want = torch.zeros(len(t.tokens), dtype=torch.bool)
+    for blk, p in chosen:
+        want |= (t.block == blk) & (t.reveal_pass == p)
+    assert torch.equal(sc.scored, want) and sc.step_scored.sum() == 3
+    assert_close(sc.logprob.detach()[want], t.logprob[want], 1e-5, "selected steps")
+    assert (sc.logprob.detach()[~want] == 0).all()
+    for blk, p in chosen[1:]:
+        full = sc.full_logprobs[(blk, p)]
+        at = (t.block == blk) & (t.reveal_pass == p)
+        assert full.shape == (int(at.sum()), model.config.vocab_size)
+        assert_close(full.detach().exp().sum(-1), torch.ones(len(full)), 1e-9, "normalised")
+        assert_close(full.detach().gather(-1, t.tokens[at][:, None])[:, 0], t.logprob_raw[at], 1e-5, "full")
+    sc.logprob.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_score_trajectory_refuses_a_rollout_longer_than_the_model():
+    model = random_model(tiny_config(model_length=8))
+    out = generate(model, [[1, 2, 3]], sampler("first_hitting"), seeded_generators([0]), record=True)
+    with pytest.raises(ValueError, match="exceeds model_length"):
+        score_trajectory(model, out.trajectories)
+
+
+# ---- the other scorers ----------------------------------------------------------------------------------
+
+def naive_masked_log_probs(model, x_t, x_0):
+    """Raw log p(x_0 | x_t) per position of one row, one block-causal forward per block over
+    (clean earlier blocks ⊕ the noisy block), independent of the x_t ⊕ x_0 pass."""
+    size, mask_id, out = model.config.block_size, model.config.mask_id, []
+    for start in range(0, len(x_0), size):
+        end = min(start + size, len(x_0))
+        view = torch.cat((x_0[:start], x_t[start:end]))
+        with torch.no_grad():
+            logits = model(view[None])[0, start:end].double()
+        logits[:, mask_id] = -float("inf")
+        out.append(torch.log_softmax(logits, -1).gather(-1, x_0[start:end, None])[:, 0])
+    return torch.cat(out)
+
+
+COMPLETIONS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [1, 2, 3, 4, 5], [6, 7, 8]]
+
+
+def test_mean_field_equals_a_per_block_loop():
+    model = random_model()
+    got = mean_field_logprobs(model, PROMPTS, COMPLETIONS)
+    for p, c, g in zip(PROMPTS, COMPLETIONS, got):
+        x_0 = torch.tensor(p + c)
+        x_t = torch.tensor(p + [model.config.mask_id] * len(c))
+        assert_close(g.detach(), naive_masked_log_probs(model, x_t, x_0)[len(p):], 1e-5, "mean field")
+
+
+def test_mean_field_at_block_size_one_is_the_exact_ar_log_likelihood():
+    model = random_model(tiny_config(block_size=1))
+    got = mean_field_logprobs(model, [[1, 2]], [[3, 4, 5]])[0]
+    assert_close(got.detach(), torch.tensor(ar_logprobs(model, [1, 2], [3, 4, 5]), dtype=torch.float64), 1e-5)
+
+
+def test_shared_noise_nelbo_scores_two_models_on_one_draw():
+    policy, reference = random_model(seed=0), random_model(seed=1)
+    x_0 = torch.randint(0, 20, (3, 12), generator=torch.Generator().manual_seed(4))
+    terms, draw = shared_noise_nelbo([policy, reference], x_0, seeded_generators([7, 8, 9]), samples=2)
+    for model, got in zip((policy, reference), terms):
+        alone = nelbo_samples(model, x_0, seeded_generators([7, 8, 9]), samples=2)  # same seeds, same noise
+        assert_close(got.detach(), alone.detach(), 1e-6, "shared noise")
+    masked = draw.x_t == policy.config.mask_id
+    assert masked.any() and not torch.equal(terms[0], terms[1])
+    assert ((terms[0] != 0) <= masked.view(3, 2, 12)).all()  # only masked tokens contribute
+
+
+def test_coupled_masks_are_complementary_and_equal_a_per_block_loop():
+    model = random_model()
+    mask_id = model.config.mask_id
+    sc = coupled_logprobs(model, PROMPTS, COMPLETIONS, seeded_generators(range(4)))
+    again = coupled_logprobs(model, PROMPTS[1:2], COMPLETIONS[1:2], seeded_generators([1]))
+    n1 = len(PROMPTS[1]) + len(COMPLETIONS[1])
+    assert torch.equal(again.mask_a[0], sc.mask_a[1, :n1])  # a row's masks do not depend on the batch
+    for j, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        n = len(p) + len(c)
+        x_0, a = torch.tensor(p + c), sc.mask_a[j, :n]
+        comp = torch.arange(n) >= len(p)
+        assert not (a & ~comp).any() and torch.equal(sc.completion[j, :n], comp)
+        b = comp & ~a  # every completion token is masked in exactly one view
+        la = naive_masked_log_probs(model, torch.where(a, mask_id, x_0), x_0)
+        lb = naive_masked_log_probs(model, torch.where(b, mask_id, x_0), x_0)
+        assert_close(sc.logprob_a[j, :n].detach(), torch.where(a, la, 0.0), 1e-5, "view A")
+        assert_close(sc.logprob_b[j, :n].detach(), torch.where(b, lb, 0.0), 1e-5, "view B")
+        t = sc.t[j, :n]
+        assert ((t >= 0.2) & (t <= 0.8)).all() and len(set(t[: 4].tolist())) == 1  # one level per block
+        expect = torch.where(a, la / t, torch.where(b, lb / (1 - t), 0.0))
+        assert_close(sc.weighted[j, :n].detach(), expect, 1e-5, "weighted")
