@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from bd3_plugin.generate import SamplerConfig, generate
+from bd3_plugin.generate import SamplerConfig, generate, greedy_completions
 from bd3_plugin.nelbo import nelbo_samples
 from bd3_plugin.noise import seeded_generators
 from bd3_plugin.sampling import ddpm_reveal_probability, token_probs
@@ -270,3 +270,46 @@ def test_coupled_masks_are_complementary_and_equal_a_per_block_loop():
         assert ((t >= 0.2) & (t <= 0.8)).all() and len(set(t[: 4].tolist())) == 1  # one level per block
         expect = torch.where(a, la / t, torch.where(b, lb / (1 - t), 0.0))
         assert_close(sc.weighted[j, :n].detach(), expect, 1e-5, "weighted")
+
+
+# ---- greedy one-step completions ------------------------------------------------------------------------
+
+def naive_greedy_completion(model, traj, b, p, eos_id, limit):
+    """No cache, no batch: block-causal forwards over the whole sequence, one per block."""
+    size, mask_id = model.config.block_size, model.config.mask_id
+    seq = traj.sequence()[: b * size].tolist()
+    block = traj.state(b, p).tolist()
+    start = len(traj.prompt) % size if b == traj.first_block else 0
+    gen = traj.tokens[: (b - traj.first_block) * size]
+    out = gen[traj.reveal_pass[: len(gen)] > 0].tolist()
+    while True:
+        with torch.no_grad():
+            logits = model(torch.tensor([seq + block]))[0, -size:]
+        logits[:, mask_id] = -float("inf")
+        block = [int(logits[i].argmax()) if block[i] == mask_id else block[i] for i in range(size)]
+        new = block[start:]
+        if eos_id in new:
+            return (out + new[: new.index(eos_id)])[:limit]
+        out += new
+        if len(out) >= limit:
+            return out[:limit]
+        seq, block, start = seq + block, [mask_id] * size, 0
+
+
+def test_greedy_completions_equal_a_naive_loop():
+    model = random_model(tiny_config(model_length=16))  # completions run past model_length: the window slides
+    cfg = SamplerConfig(max_new_tokens=18)
+    out = generate(model, PROMPTS, cfg, seeded_generators(range(4)), record=True)
+    states = []
+    for t in out.trajectories:
+        for k in range(0, len(t.steps.block), 3):
+            states.append((t, int(t.steps.block[k]), int(t.steps.pass_index[k])))
+    eos = greedy_completions(model, states[:1])[0][6]  # a token greedy decoding does produce
+    got = greedy_completions(model, states, eos_id=eos)
+    assert len(got) == len(states) > 8
+    for (t, b, p), g in zip(states, got):
+        assert g == naive_greedy_completion(model, t, b, p, eos, 18), (len(t.prompt), b, p)
+    assert any(len(g) < 18 for g in got) and any(len(g) == 18 for g in got)  # EOS and the limit both hit
+    for t in out.trajectories:  # past the last pass of the last block: the rollout's own output
+        b, p = int(t.block[-1]), int(t.reveal_pass.max()) + 1
+        assert greedy_completions(model, [(t, b, p)])[0] == t.output
