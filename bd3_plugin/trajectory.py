@@ -13,11 +13,15 @@ batch, and a `TrajectoryBuilder` per sequence appends the blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .noise import NEG_INF
 from .sampling import ddpm_reveal_probability, token_probs
+
+if TYPE_CHECKING:
+    from .generate import SamplerConfig
 
 
 def raw_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -108,7 +112,7 @@ class Trajectory:
     entropy: torch.Tensor  # (N,) float64 entropy of the sampled distribution at that pass; 0 if given
     in_output: torch.Tensor  # (N,) bool: the slot is part of the returned tokens
     steps: StepTable
-    sampler: object  # the SamplerConfig of the rollout
+    sampler: SamplerConfig  # the rollout's settings
     seed: int  # the seed of the row's generator (drawn when none was given)
     seed_drawn: bool  # the seed was drawn by `generate`, not given
     seed_replays: bool  # a fresh generator with `seed`, alone in a batch, regenerates this row exactly

@@ -116,45 +116,50 @@ def _scatter(n: int, idx: list[torch.Tensor], values: list[torch.Tensor]) -> tor
     return zero.to(values.device).index_put((torch.cat(idx),), values)
 
 
+def _step_rows(t: Trajectory, block: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The row of `t.steps` that holds each (block, grid) pair."""
+    row = {k: i for i, k in enumerate(zip(t.steps.block.tolist(), t.steps.grid.tolist()))}
+    return torch.tensor([row[k] for k in zip(block.tolist(), grid.tolist())], dtype=torch.long)
+
+
 def _assemble(t: Trajectory, part: dict) -> TrajectoryScores:
-    n, st = len(t.tokens), t.steps
+    n, st, gen = len(t.tokens), t.steps, t.reveal_pass > 0
     slot_at = [torch.cat(part["idx"]).cpu()] if part["idx"] else []
     lp, raw, ent = (_scatter(n, slot_at, part[k]) for k in ("lp", "raw", "ent"))
+    dev = lp.device
     scored = torch.zeros(n, dtype=torch.bool)
     if slot_at:
         scored[slot_at[0]] = True
-    # Each slot's step: the row of the step table with the same (block, grid).
-    keys = st.block * (t.block_size + 10_000) + st.grid  # (S,) unique per step
-    slot_keys = t.block * (t.block_size + 10_000) + t.reveal_grid  # (N,)
-    order = keys.argsort()
-    step_of = order[torch.searchsorted(keys[order], slot_keys).clamp(max=len(keys) - 1)]  # (N,)
-    gen = t.reveal_pass > 0
-    dev = lp.device
-    sums = lambda v: torch.zeros(len(keys), dtype=torch.float64, device=dev).index_add(  # noqa: E731
-        0, step_of[gen].to(dev), v[gen.to(dev)])
-    n_revealed = torch.zeros(len(keys), dtype=torch.long).index_add(0, step_of[gen], torch.ones_like(step_of[gen]))
-    step_scored = torch.zeros(len(keys), dtype=torch.bool).index_put((step_of[scored],), torch.tensor(True))
+    steps = len(st.block)
+    step_of = _step_rows(t, t.block[gen], t.reveal_grid[gen])  # (generated slots,)
+    sums = lambda v: torch.zeros(steps, dtype=torch.float64, device=dev).index_add(0, step_of.to(dev),  # noqa: E731
+                                                                                   v[gen.to(dev)])
+    n_revealed = torch.zeros(steps, dtype=torch.long).index_add(0, step_of, torch.ones_like(step_of))
+    step_scored = torch.zeros(steps, dtype=torch.bool).index_put((step_of[scored[gen]],), torch.tensor(True))
     # Masked before a step: the block's generated slots revealed at that step or later.
     same = (t.block[None, :] == st.block[:, None]) & gen[None, :]  # (S, N)
     n_masked = (same & (t.reveal_grid[None, :] >= st.grid[:, None])).sum(dim=1)
-    cfg = t.sampler
+    select = _selection(t, part, n_masked, n_revealed, dev)
+    return TrajectoryScores(lp, raw, ent, scored, sums(lp), select, sums(ent) / n_revealed.to(dev), step_scored,
+                            part["full"])
+
+
+def _selection(t: Trajectory, part: dict, n_masked: torch.Tensor, n_revealed: torch.Tensor, dev) -> torch.Tensor:
+    """Per step, log-prob of which positions were revealed (see `BlockRecorder.step`)."""
+    cfg, st = t.sampler, t.steps
     if cfg.temperature == 0:
-        select = torch.zeros(len(keys), dtype=torch.float64)
-    elif cfg.algorithm == "threshold":
-        select = torch.zeros(len(keys), dtype=torch.float64, device=dev)
-        if part["miss_idx"]:
-            miss_idx = torch.cat(part["miss_idx"]).cpu()
-            miss_keys = t.block[miss_idx] * (t.block_size + 10_000) + torch.cat(part["miss_grid"])
-            at = order[torch.searchsorted(keys[order], miss_keys)]
-            select = select.index_add(0, at.to(dev), torch.cat(part["miss"]))
-        select = torch.where(st.select_known.to(dev), select, torch.full_like(select, float("nan")))
-    else:
+        return torch.zeros(len(st.block), dtype=torch.float64, device=dev)
+    if cfg.algorithm != "threshold":
         steps = cfg.steps or t.block_size
         p = torch.tensor([ddpm_reveal_probability(1 - g / steps, 1 - (g + 1) / steps) for g in st.grid.tolist()],
                          dtype=torch.float64)
-        select = selection_log_prob(cfg.algorithm, n_masked, n_revealed, p)
-    return TrajectoryScores(lp, raw, ent, scored, sums(lp), select, sums(ent) / n_revealed.to(dev), step_scored,
-                            part["full"])
+        return selection_log_prob(cfg.algorithm, n_masked, n_revealed, p).to(dev)
+    select = torch.zeros(len(st.block), dtype=torch.float64, device=dev)
+    if part["miss_idx"]:
+        miss_idx = torch.cat(part["miss_idx"]).cpu()
+        at = _step_rows(t, t.block[miss_idx], torch.cat(part["miss_grid"]))
+        select = select.index_add(0, at.to(dev), torch.cat(part["miss"]))
+    return torch.where(st.select_known.to(dev), select, torch.full_like(select, float("nan")))
 
 
 def _pack(model: BD3LM, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]):

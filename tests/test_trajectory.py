@@ -313,3 +313,12 @@ def test_greedy_completions_equal_a_naive_loop():
     for t in out.trajectories:  # past the last pass of the last block: the rollout's own output
         b, p = int(t.block[-1]), int(t.reveal_pass.max()) + 1
         assert greedy_completions(model, [(t, b, p)])[0] == t.output
+
+
+def test_at_block_size_one_the_replayed_raw_log_probs_are_the_exact_ar_ones():
+    model = random_model(tiny_config(block_size=1))
+    out = generate(model, [[1, 2], [3]], SamplerConfig(max_new_tokens=6), seeded_generators([0, 1]), record=True)
+    for prompt, t, sc in zip([[1, 2], [3]], out.trajectories, score_trajectory(model, out.trajectories)):
+        exact = torch.tensor(ar_logprobs(model, prompt, t.output), dtype=torch.float64)
+        assert_close(sc.logprob_raw.detach()[t.in_output], exact, 1e-5, "AR")
+        assert_close(t.logprob_raw[t.in_output], exact, 1e-5, "AR record")
