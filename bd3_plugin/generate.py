@@ -160,7 +160,7 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
     `record=True` returns each row's `Trajectory` too (the tokens are the same either way)."""
     builders = _builders(prompts, generators, model, config) if record else None
     if generators is None:
-        generators = seeded_generators([b.head["seed"] for b in builders] if record else draw_seeds(len(prompts)))
+        generators = seeded_generators([b.seed for b in builders] if record else draw_seeds(len(prompts)))
     if not prompts:
         return GenerateOutput([], 0, 0, [] if record else None)
     cfg = model.config

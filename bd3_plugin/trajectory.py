@@ -154,6 +154,8 @@ class Trajectory:
     def state(self, block: int, pass_index: int) -> torch.Tensor:
         """Block `block`'s L' slots as the model saw them at that pass: masks where revealed at or after it."""
         i = (block - self.first_block) * self.block_size
+        if pass_index < 1:
+            raise ValueError(f"pass_index counts from 1 (pass 0 marks given slots), got {pass_index}")
         if not 0 <= i < len(self.tokens):
             raise ValueError(f"block {block} was not denoised (blocks {self.first_block}.."
                              f"{self.first_block + len(self.tokens) // self.block_size - 1})")
@@ -245,6 +247,10 @@ class TrajectoryBuilder:
                          seed=seed, seed_drawn=seed_drawn, seed_replays=seed_replays)
         self.slots: list[tuple[torch.Tensor, ...]] = []
         self.step_rows: list[tuple[torch.Tensor, ...]] = []
+
+    @property
+    def seed(self) -> int:
+        return self.head["seed"]
 
     def add_block(self, record: BlockRecord, row: int, tokens: torch.Tensor, steps_before: int) -> None:
         """`tokens` (L',) the block's final slots; `steps_before` the row's denoising passes before it."""

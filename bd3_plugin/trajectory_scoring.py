@@ -77,9 +77,16 @@ def score_trajectory(model: BD3LM, trajectories: Sequence[Trajectory], *,
     One forward of length 2n per reveal round needed, all trajectories and blocks at once. With the
     rollout's weights the values equal the recorded ones (float32 on CPU: within 1e-5).
     """
+    for name, arg in (("steps", steps), ("full_vocab", full_vocab)):
+        if arg is not None and len(arg) != len(trajectories):
+            raise ValueError(f"{name} has {len(arg)} entries for {len(trajectories)} trajectories")
+    full_vocab = full_vocab or [()] * len(trajectories)
+    for j, asked in enumerate(full_vocab):
+        extra = set(map(tuple, asked)) - set(map(tuple, steps[j] if steps and steps[j] is not None else asked))
+        if extra:
+            raise ValueError(f"full_vocab asks trajectory {j} for steps {sorted(extra)} that are not scored")
     x_0, valid, passes, block, wanted = _canvas(model, trajectories, steps)
     mask_id = model.config.mask_id
-    full_vocab = full_vocab or [()] * len(trajectories)
     parts = [dict(idx=[], lp=[], raw=[], ent=[], miss_idx=[], miss_grid=[], miss=[], full={}) for _ in trajectories]
     for r in sorted(set(passes[wanted].tolist())):
         now = wanted & (passes == r)  # (B, n) slots revealed at round r

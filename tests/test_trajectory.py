@@ -322,3 +322,19 @@ def test_at_block_size_one_the_replayed_raw_log_probs_are_the_exact_ar_ones():
         exact = torch.tensor(ar_logprobs(model, prompt, t.output), dtype=torch.float64)
         assert_close(sc.logprob_raw.detach()[t.in_output], exact, 1e-5, "AR")
         assert_close(t.logprob_raw[t.in_output], exact, 1e-5, "AR record")
+
+
+def test_bad_scoring_requests_are_refused():
+    model = random_model()
+    out = generate(model, PROMPTS[:2], sampler("first_hitting"), seeded_generators([0, 1]), record=True)
+    t = out.trajectories
+    with pytest.raises(ValueError, match="steps has 1 entries for 2"):
+        score_trajectory(model, t, steps=[None])
+    with pytest.raises(ValueError, match="not scored"):
+        score_trajectory(model, t, steps=[[(0, 1)], None], full_vocab=[[(0, 2)], ()])
+    with pytest.raises(ValueError, match="block size 4"):
+        score_trajectory(random_model(tiny_config(block_size=2)), t)
+    with pytest.raises(ValueError, match="pass_index counts from 1"):
+        greedy_completions(model, [(t[0], 0, 0)])
+    with pytest.raises(ValueError, match="was not denoised"):
+        t[0].state(99, 1)
