@@ -185,9 +185,7 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
         before = torch.tensor([out[r].denoise_steps for r in batch.rows], device=done.row_steps.device)
         reveal_step = torch.where(done.reveal_step > 0, done.reveal_step + before[:, None], 0)
         if record:
-            block_record = recorder.finish()
-            for r, orig in enumerate(batch.rows):
-                builders[orig].add_block(block_record, r, batch.block[r], out[orig].denoise_steps)
+            _record_block(builders, recorder.finish(), batch, out)
         for r, orig in enumerate(batch.rows):
             out[orig].denoise_steps += int(done.row_steps[r])
         live = _collect(batch, reveal_step, prompts, config, out, eos_id)
@@ -201,11 +199,16 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
         batch.start = batch.start + batch.size
         batch.block.fill_(batch.mask_id)
         batch.first_gen = [0] * len(batch.rows)
-    trajectories = None
-    if record:
-        trajectories = [b.build(len(g.tokens), g.finish_reason, g.denoise_steps, c)
-                        for b, g, c in zip(builders, out, row_commits)]
+    trajectories = [b.build(len(g.tokens), g.finish_reason, g.denoise_steps, c)
+                    for b, g, c in zip(builders, out, row_commits)] if record else None
     return GenerateOutput(out, denoise, commits, trajectories)
+
+
+def _record_block(builders: list[TrajectoryBuilder], record, batch: _Batch, out: list[Generation]) -> None:
+    """Hand each live row's part of the block just denoised to its builder (before the row's step count
+    moves on)."""
+    for r, orig in enumerate(batch.rows):
+        builders[orig].add_block(record, r, batch.block[r], out[orig].denoise_steps)
 
 
 def _collect(batch: _Batch, reveal_step: torch.Tensor, prompts, config: SamplerConfig, out: list[Generation],

@@ -74,7 +74,7 @@ def selection_log_prob(algorithm: str, n_masked: torch.Tensor, n_revealed: torch
     return n_revealed * p.log() + torch.where(kept > 0, kept * torch.log1p(-p), torch.zeros_like(kept))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value: compare fields explicitly
 class StepTable:
     """One row per sampler step of one sequence (S,). A step that reveals nothing (DDPM) is a row too:
     its selection term is part of the trajectory's probability."""
@@ -96,7 +96,7 @@ class StepTable:
             raise ValueError(f"step table fields must be 1-D of one length, got {sizes}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Trajectory:
     """One sequence's rollout. Slot arrays (N,) cover every slot of every denoised block, N = blocks · L'."""
 
