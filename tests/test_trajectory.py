@@ -113,6 +113,26 @@ def test_threshold_selection_is_absent_exactly_when_the_fallback_fired():
     assert fallbacks > 0  # the case is exercised
 
 
+def test_threshold_selection_term_equals_a_naive_sum_over_the_missed_slots():
+    model = random_model()
+    out = generate(model, PROMPTS, sampler("threshold", temperature=0.7), seeded_generators(range(4)), record=True)
+    checked = 0
+    for t in out.trajectories:
+        st = t.steps
+        for k in (k for k in range(len(st.block)) if st.select_known[k]):
+            b, p = int(st.block[k]), int(st.pass_index[k])
+            view = torch.cat((t.sequence()[: b * 4], t.state(b, p)))
+            with torch.no_grad():
+                logits = model(view[None])[0, -4:].double()
+            logits[:, t.mask_id] = -float("inf")
+            q = torch.softmax(logits / 0.7, -1)
+            later = (t.block == b) & (t.reveal_pass > p)  # masked at this pass and not revealed by it
+            naive = sum(math.log(q[int(s)][q[int(s)] < 0.2].sum().item()) for s in t.slot[later])
+            assert abs(st.logprob_select[k].item() - naive) < 1e-5
+            checked += bool(later.any())
+    assert checked > 3
+
+
 def test_seed_is_drawn_reported_and_replays_the_row():
     model = random_model()
     cfg = sampler("first_hitting")
