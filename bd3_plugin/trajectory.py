@@ -162,6 +162,33 @@ class Trajectory:
         tokens, passes = self.tokens[i : i + self.block_size], self.reveal_pass[i : i + self.block_size]
         return torch.where(passes >= pass_index, torch.full_like(tokens, self.mask_id), tokens)
 
+    def to_json(self) -> dict:
+        """Plain lists and numbers (NaN as None), e.g. for a server response; `from_json` inverts it."""
+        plain = lambda v: [None if x != x else x for x in v.tolist()] if torch.is_tensor(v) else v  # noqa: E731
+        out = {f: plain(getattr(self, f)) for f in self.__dataclass_fields__ if f not in ("steps", "sampler")}
+        out["steps"] = {f: plain(getattr(self.steps, f)) for f in self.steps.__dataclass_fields__}
+        out["sampler"] = {f: getattr(self.sampler, f) for f in self.sampler.__dataclass_fields__}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> Trajectory:
+        from .generate import SamplerConfig  # generate imports this module
+
+        def tensor(v, like: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([float("nan") if x is None else x for x in v], dtype=like.dtype)
+
+        kinds = {"logprob": torch.float64, "logprob_raw": torch.float64, "entropy": torch.float64,
+                 "in_output": torch.bool}
+        steps_kinds = {"logprob_tokens": torch.float64, "logprob_select": torch.float64,
+                       "entropy_mean": torch.float64, "select_known": torch.bool}
+        fields = {k: v for k, v in data.items() if k not in ("steps", "sampler")}
+        for name in ("tokens", "reveal_pass", "reveal_step", "reveal_grid", *kinds):
+            fields[name] = tensor(data[name], torch.empty(0, dtype=kinds.get(name, torch.long)))
+        steps = StepTable(**{k: tensor(v, torch.empty(0, dtype=steps_kinds.get(k, torch.long)))
+                             for k, v in data["steps"].items()})
+        return cls(**fields | {"prompt": tuple(data["prompt"]), "steps": steps,
+                               "sampler": SamplerConfig(**data["sampler"])})
+
 
 @dataclass
 class BlockRecord:

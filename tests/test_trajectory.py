@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -7,6 +8,7 @@ from bd3_plugin.generate import SamplerConfig, generate, greedy_completions
 from bd3_plugin.nelbo import nelbo_samples
 from bd3_plugin.noise import seeded_generators
 from bd3_plugin.sampling import ddpm_reveal_probability, token_probs
+from bd3_plugin.trajectory import Trajectory
 from bd3_plugin.trajectory_scoring import (coupled_logprobs, mean_field_logprobs, score_trajectory,
                                            shared_noise_nelbo)
 from helpers import ar_logprobs, assert_close, random_model, tiny_config
@@ -358,3 +360,21 @@ def test_bad_scoring_requests_are_refused():
         greedy_completions(model, [(t[0], 0, 0)])
     with pytest.raises(ValueError, match="was not denoised"):
         t[0].state(99, 1)
+
+
+def test_a_trajectory_survives_a_json_round_trip():
+    model = random_model()
+    out = generate(model, PROMPTS, sampler("threshold", temperature=1.0), seeded_generators(range(4)), record=True)
+    for t in out.trajectories:
+        back = Trajectory.from_json(json.loads(json.dumps(t.to_json())))
+        for f in t.__dataclass_fields__:
+            a, b = getattr(t, f), getattr(back, f)
+            if f == "steps":
+                for g in a.__dataclass_fields__:
+                    x, y = getattr(a, g), getattr(b, g)
+                    assert x.dtype == y.dtype and torch.equal(x.nan_to_num(7.0), y.nan_to_num(7.0)), g
+            elif torch.is_tensor(a):
+                assert a.dtype == b.dtype and torch.equal(a, b), f
+            else:
+                assert a == b, f
+    assert any(t.steps.logprob_select.isnan().any() for t in out.trajectories)  # NaN went through as null
