@@ -8,7 +8,8 @@ from bd3_plugin.generate import SamplerConfig, generate, greedy_completions
 from bd3_plugin.nelbo import nelbo_samples
 from bd3_plugin.noise import seeded_generators
 from bd3_plugin.sampling import ddpm_reveal_probability, token_probs
-from bd3_plugin.trajectory import Trajectory
+from bd3_plugin.denoise import denoise_block
+from bd3_plugin.trajectory import BlockRecorder, Trajectory, TrajectoryBuilder
 from bd3_plugin.trajectory_scoring import (coupled_logprobs, mean_field_logprobs, score_trajectory,
                                            shared_noise_nelbo)
 from helpers import ar_logprobs, assert_close, random_model, tiny_config
@@ -378,3 +379,39 @@ def test_a_trajectory_survives_a_json_round_trip():
             else:
                 assert a == b, f
     assert any(t.steps.logprob_select.isnan().any() for t in out.trajectories)  # NaN went through as null
+
+
+def test_another_engine_records_the_same_trajectory_through_the_denoise_block_seam():
+    """A cache-free engine (one block-causal forward over the whole sequence per pass, one row) that
+    drives `denoise_block` with a `BlockRecorder` and a `TrajectoryBuilder`, as the vLLM runner would."""
+    model = random_model()
+    size, mask_id = model.config.block_size, model.config.mask_id
+    cfg = sampler("ddpm", temperature=0.9, top_p=0.9)
+    core = generate(model, PROMPTS, cfg, seeded_generators(range(4)), record=True).trajectories
+    for row, prompt in enumerate(PROMPTS):
+        gen = torch.Generator().manual_seed(row)
+        builder = TrajectoryBuilder(prompt, size, mask_id, cfg, row, False, True)
+        whole = len(prompt) // size * size
+        seq, tail = list(prompt[:whole]), len(prompt) - whole
+        out, passes = [], 0
+        while len(out) < cfg.max_new_tokens:
+            block = torch.full((1, size), mask_id)
+            block[0, :tail] = torch.tensor(prompt[whole:], dtype=torch.long)
+            forward = lambda b: model(torch.cat((torch.tensor([seq], dtype=torch.long), b), dim=1))[:, -size:]  # noqa: E731
+            rec = BlockRecorder(cfg, mask_id)
+            with torch.no_grad():
+                done = denoise_block(block, forward, cfg, [gen], mask_id, recorder=rec)
+            builder.add_block(rec.finish(), 0, block[0], passes)
+            passes += int(done.row_steps[0])
+            out += block[0, tail:].tolist()
+            seq, tail, whole = seq + block[0].tolist(), 0, len(seq) + size
+        t = builder.build(cfg.max_new_tokens, "length", passes, 0)
+        c = core[row]
+        assert t.output == c.output and torch.equal(t.tokens, c.tokens)
+        for f in ("reveal_pass", "reveal_step", "reveal_grid", "in_output"):
+            assert torch.equal(getattr(t, f), getattr(c, f)), f
+        for f in ("logprob", "logprob_raw", "entropy"):
+            assert_close(getattr(t, f), getattr(c, f), 1e-5, f)
+        for f in ("block", "pass_index", "step", "grid", "n_masked", "n_revealed", "select_known"):
+            assert torch.equal(getattr(t.steps, f), getattr(c.steps, f)), f
+        assert_close(t.steps.logprob_select, c.steps.logprob_select, 1e-12, "select")
