@@ -8,6 +8,7 @@ block the chosen sampler reveals tokens until none is masked; then one commit pa
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import BD3LM
-from .noise import Generators, per_row
+from .noise import Generators, per_row, seeded_generators
 from .denoise import denoise_block
+from .trajectory import BlockRecorder, Trajectory, TrajectoryBuilder
 
 ALGORITHMS = ("first_hitting", "ddpm", "threshold")
 
@@ -68,6 +70,7 @@ class GenerateOutput:
     generations: list[Generation]
     denoise_passes: int  # batched forward passes over noisy blocks
     commit_passes: int  # batched forward passes that stored clean blocks (prompt prefill included)
+    trajectories: list[Trajectory] | None = None  # per row, with `record=True`
 
     @property
     def forward_passes(self) -> int:
@@ -125,13 +128,41 @@ class _Batch:
         self.first_gen = [self.first_gen[i] for i in live]
 
 
+def draw_seeds(n: int) -> list[int]:
+    """Fresh seeds from the operating system, for rows that were given no generator."""
+    rng = random.SystemRandom()
+    return [rng.getrandbits(63) for _ in range(n)]
+
+
+def _builders(prompts, generators: Generators | None, model: BD3LM, config: SamplerConfig
+              ) -> list[TrajectoryBuilder]:
+    """One trajectory builder per row, with the row's seed and whether that seed alone replays it."""
+    if generators is None:
+        seeds, drawn, replays = draw_seeds(len(prompts)), True, [True] * len(prompts)
+    else:
+        gens = per_row(generators, len(prompts))
+        seeds, drawn = [g.initial_seed() for g in gens], False
+        shared = len({id(g) for g in gens}) < len(gens)
+        replays = [not shared and torch.equal(g.get_state(), torch.Generator().manual_seed(sd).get_state())
+                   for g, sd in zip(gens, seeds)]
+    cfg = model.config
+    return [TrajectoryBuilder(p, cfg.block_size, cfg.mask_id, config, sd, drawn, rp)
+            for p, sd, rp in zip(prompts, seeds, replays)]
+
+
 @torch.no_grad()
-def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConfig, generators: Generators,
-             eos_id: int | None = None) -> GenerateOutput:
+def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConfig,
+             generators: Generators | None = None, eos_id: int | None = None, *,
+             record: bool = False) -> GenerateOutput:
     """Generate a continuation of every prompt (lists of token ids). One generator per row makes each
-    row's result independent of the batch; a single generator is shared in row order."""
+    row's result independent of the batch; a single generator is shared in row order. Without
+    generators each row gets a freshly drawn seed; at temperature 0 no generator is drawn from.
+    `record=True` returns each row's `Trajectory` too (the tokens are the same either way)."""
+    builders = _builders(prompts, generators, model, config) if record else None
+    if generators is None:
+        generators = seeded_generators([b.seed for b in builders] if record else draw_seeds(len(prompts)))
     if not prompts:
-        return GenerateOutput([], 0, 0)
+        return GenerateOutput([], 0, 0, [] if record else None)
     cfg = model.config
     for p in prompts:
         bad = [t for t in p if not 0 <= t < cfg.vocab_size or t == cfg.mask_id]
@@ -139,7 +170,7 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
             raise ValueError(f"prompt token {bad[0]} is outside the vocabulary or is the mask id")
     batch = _Batch(model, prompts, per_row(generators, len(prompts)))
     out = [Generation() for _ in prompts]
-    commits = 0
+    commits, row_commits = 0, [int(len(p) >= batch.size) for p in prompts]
     if batch.prefill is not None:
         ids, positions, valid = batch.prefill
         model.commit(ids, positions, batch.cache, valid)
@@ -147,11 +178,14 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
     denoise = 0
     while batch.rows:
         positions = batch.positions()
+        recorder = BlockRecorder(config, batch.mask_id) if record else None
         done = denoise_block(batch.block, lambda blk: model.denoise(blk, positions, batch.cache), config,
-                             batch.generators, batch.mask_id)
+                             batch.generators, batch.mask_id, recorder=recorder)
         denoise += done.passes
         before = torch.tensor([out[r].denoise_steps for r in batch.rows], device=done.row_steps.device)
         reveal_step = torch.where(done.reveal_step > 0, done.reveal_step + before[:, None], 0)
+        if record:
+            _record_block(builders, recorder.finish(), batch, out)
         for r, orig in enumerate(batch.rows):
             out[orig].denoise_steps += int(done.row_steps[r])
         live = _collect(batch, reveal_step, prompts, config, out, eos_id)
@@ -160,10 +194,21 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
             break
         model.commit(batch.block, batch.positions(), batch.cache)
         commits += 1
+        for orig in batch.rows:
+            row_commits[orig] += 1
         batch.start = batch.start + batch.size
         batch.block.fill_(batch.mask_id)
         batch.first_gen = [0] * len(batch.rows)
-    return GenerateOutput(out, denoise, commits)
+    trajectories = [b.build(len(g.tokens), g.finish_reason, g.denoise_steps, c)
+                    for b, g, c in zip(builders, out, row_commits)] if record else None
+    return GenerateOutput(out, denoise, commits, trajectories)
+
+
+def _record_block(builders: list[TrajectoryBuilder], record, batch: _Batch, out: list[Generation]) -> None:
+    """Hand each live row's part of the block just denoised to its builder (before the row's step count
+    moves on)."""
+    for r, orig in enumerate(batch.rows):
+        builders[orig].add_block(record, r, batch.block[r], out[orig].denoise_steps)
 
 
 def _collect(batch: _Batch, reveal_step: torch.Tensor, prompts, config: SamplerConfig, out: list[Generation],
@@ -196,3 +241,49 @@ def _collect(batch: _Batch, reveal_step: torch.Tensor, prompts, config: SamplerC
 def _degenerate(history: list[int], config: SamplerConfig) -> bool:
     window = config.entropy_window
     return len(history) >= window and unigram_entropy(history[-window:]) < config.entropy_stop
+
+
+@torch.no_grad()
+def greedy_completions(model: BD3LM, states: Sequence[tuple[Trajectory, int, int]], eos_id: int | None = None,
+                       max_new_tokens: int | None = None) -> list[list[int]]:
+    """One-step greedy completions (EGSPO's x̂₀) from recorded states (trajectory, block b, pass p): block
+    b as it stood at pass p has its masked slots filled by argmax in one pass, then each later block is
+    filled from all masks in one pass, until EOS (not returned) or the length limit (default: the
+    rollout's `max_new_tokens`). Returns each state's output tokens, the prompt excluded."""
+    if not states:
+        return []
+    size, mask_id = model.config.block_size, model.config.mask_id
+    prefixes, blocks, out, first_gen, limits = [], [], [], [], []
+    for traj, b, p in states:
+        blocks.append(traj.state(b, p))  # checks that block b was denoised
+        prefixes.append(traj.sequence()[: b * size].tolist())
+        before = (b - traj.first_block) * size  # slots of the denoised blocks before b, all in the output
+        out.append(traj.tokens[:before][traj.reveal_pass[:before] > 0].tolist())
+        first_gen.append(len(traj.prompt) % size if b == traj.first_block else 0)
+        limits.append(max_new_tokens or traj.sampler.max_new_tokens)
+    batch = _Batch(model, prefixes, [None] * len(states))
+    if batch.prefill is not None:
+        ids, positions, valid = batch.prefill
+        model.commit(ids, positions, batch.cache, valid)
+    batch.block, batch.first_gen = torch.stack(blocks).to(model.device), first_gen
+    while batch.rows:
+        logits = model.denoise(batch.block, batch.positions(), batch.cache)  # (B, L', V)
+        logits[..., mask_id] = -float("inf")  # SUBS: the mask is never predicted
+        batch.block = torch.where(batch.block == mask_id, logits.argmax(dim=-1), batch.block)
+        live = []
+        for r, orig in enumerate(batch.rows):
+            new = batch.block[r, batch.first_gen[r] :].tolist()
+            done = eos_id is not None and eos_id in new
+            out[orig] += new[: new.index(eos_id)] if done else new
+            if done or len(out[orig]) >= limits[orig]:
+                del out[orig][limits[orig] :]
+            else:
+                live.append(r)
+        batch.keep(live)
+        if not batch.rows:
+            break
+        model.commit(batch.block, batch.positions(), batch.cache)
+        batch.start = batch.start + size
+        batch.block = torch.full_like(batch.block, mask_id)
+        batch.first_gen = [0] * len(batch.rows)
+    return out

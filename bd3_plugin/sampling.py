@@ -64,54 +64,111 @@ def _propose(logits: torch.Tensor, where: torch.Tensor, generators: list[torch.G
     return draw_tokens(probs, uniforms), probs
 
 
-def first_hitting_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
-                       mask_id: int, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reveal exactly one masked position per row, chosen uniformly (Zheng et al.'s first-hitting time
-    for α_t = 1 − t: the next event reveals one token and which one is uniform).
+def greedy_positions(confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The greedy choice of positions, shared by every sampler at temperature 0 (and by the threshold
+    sampler's fallback): per row, the `count[r]` most confident masked positions, taken one at a time as
+    the most confident remaining position, the leftmost among ties.
 
-    logits (B, L', V), masked (B, L') -> reveal (B, L') bool, tokens (B, L').
+    Ties are judged with a tolerance: positions equal in exact arithmetic (an all-mask block with no
+    context) differ in the last bits between batch layouts, and the choice must not depend on the batch.
+    confidence (B, L') float64, masked (B, L') bool, count (B,) long -> reveal (B, L') bool.
     """
-    count = masked.sum(dim=1)  # (B,)
-    live = count > 0
-    u = torch.zeros(masked.shape[0], dtype=torch.float64, device=masked.device)
-    u[live] = _row_draws(generators, live.long().tolist(), None, masked.device)
-    k = (u * count).floor().long()  # which masked slot, 0-based
-    rank = masked.long().cumsum(dim=1) - 1  # (B, L') rank of each masked slot
-    reveal = masked & (rank == k[:, None])
-    tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
-    tokens[reveal] = _propose(logits, reveal, generators, mask_id, temperature, top_p)[0]
-    return reveal, tokens
-
-
-def ddpm_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *, t: float,
-              s: float, mask_id: int, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior step from t to s < t: a masked token stays masked with probability s/t, else it takes a
-    token from p_θ(x_0). At s = 0 every masked token is revealed."""
-    p_reveal = 1.0 if s <= 0 else (t - s) / t
-    u = _row_draws(generators, masked.sum(dim=1).tolist(), None, masked.device)
     reveal = torch.zeros_like(masked)
-    reveal[masked] = u < p_reveal
-    tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
-    tokens[reveal] = _propose(logits, reveal, generators, mask_id, temperature, top_p)[0]
-    return reveal, tokens
+    left = masked.clone()
+    for _ in range(int(count.max()) if count.numel() else 0):
+        want = left.any(dim=1) & (reveal.sum(dim=1) < count)  # (B,) rows still choosing
+        conf = torch.where(left, confidence, torch.full_like(confidence, -1.0))
+        best = left & (conf >= conf.max(dim=1, keepdim=True).values - _TIE)
+        best &= (best.long().cumsum(dim=1) == 1) & want[:, None]
+        reveal |= best
+        left &= ~best
+    return reveal
 
 
-def threshold_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
-                   threshold: float, mask_id: int, temperature: float, top_p: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confidence-threshold parallel decoding: propose a token at every masked position and reveal those
-    whose probability is ≥ threshold; when none is, reveal the single most confident one."""
+def _proposals(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], mask_id: int,
+               temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A token proposed at every masked position and its probability: tokens (B, L'), confidence (B, L')
+    float64 (−1 where not masked), and the distributions (n_masked, V). Draws only at temperature > 0."""
     proposal, probs = _propose(logits, masked, generators, mask_id, temperature, top_p)
     confidence = torch.full(masked.shape, -1.0, dtype=torch.float64, device=masked.device)
     confidence[masked] = probs.gather(-1, proposal[:, None]).squeeze(-1)
     tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
     tokens[masked] = proposal
+    return tokens, confidence, probs
+
+
+def _greedy_step(logits: torch.Tensor, masked: torch.Tensor, count: torch.Tensor, mask_id: int, top_p: float,
+                 with_probs: bool) -> tuple:
+    """Temperature 0: argmax tokens at the `count` most confident masked positions; no generator is used."""
+    tokens, confidence, probs = _proposals(logits, masked, [], mask_id, 0.0, top_p)
+    reveal = greedy_positions(confidence, masked, count)
+    return (reveal, tokens, masked, probs) if with_probs else (reveal, tokens)
+
+
+def first_hitting_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
+                       mask_id: int, temperature: float, top_p: float, with_probs: bool = False) -> tuple:
+    """Reveal exactly one masked position per row, chosen uniformly (Zheng et al.'s first-hitting time
+    for α_t = 1 − t: the next event reveals one token and which one is uniform). At temperature 0 the
+    position is the greedy one (`greedy_positions`): the most confident, leftmost among ties.
+
+    logits (B, L', V), masked (B, L') -> reveal (B, L') bool, tokens (B, L'). Every step function, given
+    `with_probs=True`, also returns where it computed p_θ (B, L') and those distributions (n, V) row-major,
+    so that a trajectory recorder needs no second softmax.
+    """
+    count = masked.sum(dim=1)  # (B,)
+    live = count > 0
+    if temperature == 0:
+        return _greedy_step(logits, masked, live.long(), mask_id, top_p, with_probs)
+    u = torch.zeros(masked.shape[0], dtype=torch.float64, device=masked.device)
+    u[live] = _row_draws(generators, live.long().tolist(), None, masked.device)
+    k = (u * count).floor().long()  # which masked slot, 0-based
+    rank = masked.long().cumsum(dim=1) - 1  # (B, L') rank of each masked slot
+    reveal = masked & (rank == k[:, None])
+    return _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, with_probs)
+
+
+def _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, with_probs) -> tuple:
+    tokens = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
+    tokens[reveal], probs = _propose(logits, reveal, generators, mask_id, temperature, top_p)
+    return (reveal, tokens, reveal, probs) if with_probs else (reveal, tokens)
+
+
+def ddpm_reveal_probability(t: float, s: float) -> float:
+    """Probability that a masked token is revealed going from t to s < t: (t − s)/t, and 1 at s = 0."""
+    return 1.0 if s <= 0 else (t - s) / t
+
+
+def ddpm_greedy_count(n_masked: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """How many positions the DDPM step reveals at temperature 0: the stochastic step's expected number of
+    reveals, n·(t − s)/t, rounded half up (all of them at s = 0). With the default grid (steps = L') a
+    block that starts fully masked reveals exactly one token per step, so greedy DDPM follows the same
+    schedule as its stochastic form in expectation. The 1e-9 keeps a half computed as 0.4999… in floating
+    point on the same side as an exact half."""
+    expected = n_masked.double() * ddpm_reveal_probability(t, s)
+    return torch.minimum(torch.floor(expected + 0.5 + 1e-9).long(), n_masked)
+
+
+def ddpm_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *, t: float,
+              s: float, mask_id: int, temperature: float, top_p: float, with_probs: bool = False) -> tuple:
+    """Posterior step from t to s < t: a masked token stays masked with probability s/t, else it takes a
+    token from p_θ(x_0). At s = 0 every masked token is revealed. At temperature 0 the step reveals
+    `ddpm_greedy_count` positions chosen by `greedy_positions`, with argmax tokens."""
+    if temperature == 0:
+        return _greedy_step(logits, masked, ddpm_greedy_count(masked.sum(dim=1), t, s), mask_id, top_p, with_probs)
+    u = _row_draws(generators, masked.sum(dim=1).tolist(), None, masked.device)
+    reveal = torch.zeros_like(masked)
+    reveal[masked] = u < ddpm_reveal_probability(t, s)
+    return _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, with_probs)
+
+
+def threshold_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
+                   threshold: float, mask_id: int, temperature: float, top_p: float, with_probs: bool = False
+                   ) -> tuple:
+    """Confidence-threshold parallel decoding: propose a token at every masked position and reveal those
+    whose probability is ≥ threshold; when none is, reveal the single most confident one (the greedy
+    position). At temperature 0 the proposals are the argmax tokens, so the step is deterministic."""
+    tokens, confidence, probs = _proposals(logits, masked, generators, mask_id, temperature, top_p)
     reveal = masked & (confidence >= threshold)
     stuck = masked.any(dim=1) & ~reveal.any(dim=1)
-    # A stuck row reveals its most confident position, the leftmost among ties. Ties are judged with a
-    # tolerance: positions equal in exact arithmetic (an all-mask block with no context) differ in the last
-    # bits between batch layouts, and the choice must not depend on the batch.
-    best = masked & (confidence >= confidence.max(dim=1, keepdim=True).values - _TIE)
-    best &= best.long().cumsum(dim=1) == 1
-    reveal |= best & stuck[:, None]
-    return reveal, tokens
+    reveal |= greedy_positions(confidence, masked, stuck.long())
+    return (reveal, tokens, masked, probs) if with_probs else (reveal, tokens)

@@ -120,3 +120,55 @@ def test_bad_requests():
                            ({"temperature": -1.0}, "temperature")]:
         with pytest.raises(ValueError, match=needle):
             SamplerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
+def test_temperature_zero_is_deterministic_without_seeds_and_in_any_batch(algorithm):
+    model = random_model()
+    cfg = SamplerConfig(algorithm=algorithm, temperature=0.0, max_new_tokens=13, top_p=0.9, steps=6)
+    unseeded = [g.tokens for g in generate(model, PROMPTS, cfg).generations]
+    assert unseeded == [g.tokens for g in generate(model, PROMPTS, cfg).generations]
+    gens = seeded_generators(range(len(PROMPTS)))
+    states = [g.get_state() for g in gens]
+    seeded = generate(model, PROMPTS, cfg, gens)
+    assert [g.tokens for g in seeded.generations] == unseeded
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, states))  # nothing was drawn
+    shared = generate(model, PROMPTS, cfg, torch.Generator().manual_seed(99))
+    assert [g.tokens for g in shared.generations] == unseeded
+    for i in (0, 2, 5):
+        alone = generate(model, [PROMPTS[i]], cfg).generations[0]
+        assert alone.tokens == unseeded[i] and alone.reveal_steps == seeded.generations[i].reveal_steps
+
+
+def naive_greedy_first_hitting(model, prompt, n_new):
+    """Reference for greedy first-hitting: no cache, no batching; each step re-runs a block-causal
+    forward and reveals the single most confident masked slot (leftmost among ties), by argmax."""
+    size, mask_id = model.config.block_size, model.config.mask_id
+    whole = len(prompt) // size * size
+    seq, block, tail = list(prompt[:whole]), list(prompt[whole:]), len(prompt) - whole
+    block += [mask_id] * (size - len(block))
+    out = []
+    while len(out) < n_new:
+        while mask_id in block:
+            with torch.no_grad():
+                logits = model(torch.tensor([seq + block]))[0, -size:].double()
+            logits[:, mask_id] = -float("inf")
+            conf, tok = torch.softmax(logits, -1).max(-1)
+            masked = [i for i in range(size) if block[i] == mask_id]
+            top = max(conf[i].item() for i in masked)
+            i = min(i for i in masked if conf[i].item() >= top - 1e-6)
+            block[i] = int(tok[i])
+        out += block[tail:]
+        seq += block
+        block, tail = [mask_id] * size, 0
+    return out[:n_new]
+
+
+def test_greedy_first_hitting_and_ddpm_equal_a_naive_most_confident_first_loop():
+    model = random_model(tiny_config(block_size=4, model_length=16))
+    prompts = [[], [4, 5, 6, 7], list(range(8))]  # whole blocks: DDPM's default grid reveals one per step
+    for algorithm in ("first_hitting", "ddpm"):
+        cfg = SamplerConfig(algorithm=algorithm, temperature=0.0, max_new_tokens=7)
+        out = generate(model, prompts, cfg)
+        for prompt, g in zip(prompts, out.generations):
+            assert g.tokens == naive_greedy_first_hitting(model, prompt, 7), (algorithm, prompt)

@@ -1,7 +1,8 @@
+import pytest
 import torch
 
-from bd3_plugin.sampling import (ddpm_step, draw_tokens, first_hitting_step, nucleus_filter, threshold_step,
-                                 token_probs)
+from bd3_plugin.sampling import (ddpm_greedy_count, ddpm_step, draw_tokens, first_hitting_step, greedy_positions,
+                                 nucleus_filter, threshold_step, token_probs)
 
 
 def naive_nucleus(p: list[float], top_p: float) -> list[float]:
@@ -75,3 +76,67 @@ def test_threshold_step():
     reveal, tokens = threshold_step(logits, masked, gens, threshold=0.9, mask_id=5, temperature=0.0, top_p=1.0)
     assert reveal[0].tolist() == [True, False, True, False] and tokens[0, 0] == 2 and tokens[0, 2] == 3
     assert reveal[1].tolist() == [False, True, False, False] and tokens[1, 1] == 1  # the most confident one
+
+
+def naive_greedy_positions(conf: list[float], masked: list[bool], count: int, tie: float = 1e-6) -> list[bool]:
+    """One position at a time: the leftmost masked position within `tie` of the best remaining one."""
+    chosen = [False] * len(conf)
+    for _ in range(count):
+        left = [i for i in range(len(conf)) if masked[i] and not chosen[i]]
+        if not left:
+            break
+        top = max(conf[i] for i in left)
+        chosen[min(i for i in left if conf[i] >= top - tie)] = True
+    return chosen
+
+
+def test_greedy_positions_equal_a_naive_one_at_a_time_choice():
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(50):
+        conf = torch.rand(5, 8, generator=gen, dtype=torch.float64).round(decimals=1)  # many exact ties
+        conf += torch.rand(5, 8, generator=gen, dtype=torch.float64) * 1e-8  # and ties within the tolerance
+        masked = torch.rand(5, 8, generator=gen) < 0.7
+        count = torch.randint(0, 9, (5,), generator=gen)
+        got = greedy_positions(torch.where(masked, conf, -1.0), masked, count)
+        for r in range(5):
+            assert got[r].tolist() == naive_greedy_positions(conf[r].tolist(), masked[r].tolist(), int(count[r]))
+
+
+def test_ddpm_greedy_count_is_the_rounded_expected_number_of_reveals():
+    for n in range(0, 9):
+        for steps in (1, 3, 4, 8, 13):
+            for i in range(steps):
+                t, s = 1 - i / steps, 1 - (i + 1) / steps
+                expected = n if s <= 0 else n * (t - s) / t
+                naive = min(n, int(expected + 0.5 + 1e-9))
+                assert ddpm_greedy_count(torch.tensor([n]), t, s).item() == naive
+    # A fully masked block on the default grid (steps = L') reveals one token per step.
+    n, size = 16, 16
+    for i in range(size):
+        assert ddpm_greedy_count(torch.tensor([n]), 1 - i / size, 1 - (i + 1) / size).item() == 1
+        n -= 1
+
+
+@pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
+def test_temperature_zero_steps_are_greedy_and_draw_nothing(algorithm):
+    logits = torch.randn(3, 6, 9, generator=torch.Generator().manual_seed(12))
+    masked = torch.tensor([[True] * 6, [False, True, True, False, True, False], [False] * 6])
+    gens = [torch.Generator().manual_seed(k) for k in range(3)]
+    states = [g.get_state() for g in gens]
+    kw = dict(mask_id=8, temperature=0.0, top_p=1.0)
+    if algorithm == "first_hitting":
+        reveal, tokens = first_hitting_step(logits, masked, gens, **kw)
+        count = [1, 1, 0]
+    elif algorithm == "ddpm":
+        reveal, tokens = ddpm_step(logits, masked, gens, t=0.5, s=0.25, **kw)
+        count = [3, 2, 0]  # 6·½ = 3, 3·½ = 1.5 rounds up to 2
+    else:
+        reveal, tokens = threshold_step(logits, masked, gens, threshold=1.0, **kw)
+        count = [1, 1, 0]  # nothing reaches probability 1: the fallback
+    assert all(torch.equal(g.get_state(), st) for g, st in zip(gens, states))
+    probs = token_probs(logits, 8, 0.0, 1.0)
+    conf, best = probs.max(-1)
+    for r in range(3):
+        expect = naive_greedy_positions(conf[r].tolist(), masked[r].tolist(), count[r])
+        assert reveal[r].tolist() == expect
+        assert tokens[r][reveal[r]].tolist() == best[r][reveal[r]].tolist()
