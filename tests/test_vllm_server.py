@@ -202,6 +202,19 @@ def test_every_unapplied_field_is_a_400_that_names_it(server, route, stream):
     assert requests.get(f"{base}/health").status_code == 200
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllm_own_checks_stay_400s_before_the_stream(server, stream):
+    base, _, model = server
+    body = dict(model=model, prompt="<eos> a", max_tokens=8, stream=stream)
+    for bad, needle in ((dict(temperature=-1.0), "temperature"), (dict(presence_penalty=5.0), "presence_penalty"),
+                        (dict(n=0), "n"), (dict(seed="x"), "seed")):
+        r = post(base, "completions", body | bad)
+        assert r.status_code == 400 and needle in r.text, (bad, r.status_code, r.text[:300])
+    chat = dict(model=model, messages=[{"role": "user", "content": "a"}], tools=[], stream=stream)
+    r = post(base, "chat/completions", chat)
+    assert r.status_code == 400 and "tools" in r.text, r.text[:300]
+
+
 def test_n_samples_are_the_seeded_requests_alone(server):
     _, client, model = server
     prompt = "<eos> the old cow"

@@ -15,6 +15,7 @@ import os
 import sys
 
 import torch
+from vllm.exceptions import VLLMClientError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from . import fields, hf_config
@@ -81,7 +82,7 @@ async def check_request(request, call_next):
     try:
         body = json.loads(await request.body() or b"{}")
         parsed = _request_model(route).model_validate(body)
-    except ValueError:
+    except (ValueError, VLLMClientError):
         return await call_next(request)  # malformed JSON or fields: vLLM answers with its own 400
     try:
         refused = fields.body_refusal(parsed)
@@ -94,7 +95,7 @@ async def check_request(request, call_next):
         sampler_config(params, vllm_config.model_config.hf_config.block_size)
         if route == "completion" and parsed.stream:
             _check_lengths(request.app.state, body, vllm_config.model_config.max_model_len)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, VLLMClientError) as err:  # vLLM's own checks of SamplingParams included
         return _error(str(err), getattr(err, "parameter", None))
     return await call_next(request)
 
