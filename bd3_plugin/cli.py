@@ -63,12 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--samples", type=int, default=64, help="sampled documents per checkpoint and sampler")
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--json", action="store_true")
-    serve = sub.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server")
+    serve = sub.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server",
+                           allow_abbrev=False, usage="bd3 serve [CHECKPOINT] [--host H] [--port N] [--max-model-len M] "
+                                 "[vllm serve arguments] [-- vllm serve arguments]")
     serve.add_argument("checkpoint", nargs="?", default=None, help="checkpoint folder (default: tiny-bd3-L4)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=None, help="default: 127.0.0.1")
+    serve.add_argument("--port", type=int, default=None, help="default: 8000")
     serve.add_argument("--max-model-len", type=int, default=None, help="default: the model length")
-    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="further `vllm serve` arguments after --")
     add_train_parser(sub)
     return parser
 
@@ -205,11 +206,20 @@ def cmd_train(args) -> dict:
     return out
 
 
+def parse_serve(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`bd3 serve` arguments: bd3's own options anywhere before `--`; every other argument, and everything
+    after `--`, goes to `vllm serve` unchanged, in order, once."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, unknown = parser.parse_known_args(argv[:cut])
+    args.vllm_args = unknown + argv[cut + 1 :]
+    return args
+
+
 def cmd_serve(args) -> dict:
     from .checkpoint import resolve
 
     checkpoint = str(resolve(_checkpoint_arg(args)))
-    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    extra = args.vllm_args
     try:
         from vllm_backend.serve import exec_server
     except ImportError as err:
@@ -237,7 +247,9 @@ COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample, "train":
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parse_serve(parser, argv) if argv[:1] == ["serve"] else parser.parse_args(argv)
     from .checkpoint import CheckpointError
 
     try:

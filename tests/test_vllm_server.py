@@ -1,4 +1,5 @@
-"""`bd3 serve` end to end: the real vLLM OpenAI server on 127.0.0.1, called with the openai client."""
+"""`bd3 serve` end to end: the real vLLM OpenAI server on 127.0.0.1 (started with an API key, through
+`bd3 serve CKPT --port N -- --api-key K`), called with the openai client and with plain HTTP."""
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ from bd3_plugin.tinyworld.data import checkpoint_path
 
 pytestmark = pytest.mark.slow
 BD3 = str(Path(sys.executable).with_name("bd3"))
+KEY = "bd3-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def free_port() -> int:
@@ -28,10 +31,10 @@ def free_port() -> int:
 
 
 def start(argv, log_dir):
-    """Start a server process; returns (process, base url, log file) once /health answers."""
+    """Start a server process (`argv(port)`); returns (process, base url, log file) once /health answers."""
     port = free_port()
     log = (log_dir / "server.log").open("w")
-    proc = subprocess.Popen([*argv, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(argv(port), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -56,8 +59,9 @@ def stop(proc, log) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc, base, log = start([BD3, "serve", str(checkpoint_path(4))], tmp_path_factory.mktemp("serve"))
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120, max_retries=0)
+    proc, base, log = start(lambda port: [BD3, "serve", str(checkpoint_path(4)), "--port", str(port), "--",
+                                          "--api-key", KEY], tmp_path_factory.mktemp("serve"))
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, timeout=120, max_retries=0)
     yield base, client, client.models.list().data[0].id
     stop(proc, log)
 
@@ -155,10 +159,102 @@ def test_load_64_requests_at_concurrency_16(server):
     assert all(reason in ("stop", "length") and n >= 1 for reason, n in results)
 
 
+def post(base, route, body, headers=AUTH):
+    return requests.post(f"{base}/v1/{route}", json=body, headers=headers, timeout=120)
+
+
+def test_api_key_is_checked_before_the_request(server):
+    base, _, model = server
+    assert requests.get(f"{base}/v1/models", timeout=30).status_code == 401
+    assert requests.get(f"{base}/v1/models", headers=AUTH, timeout=30).status_code == 200
+    good = dict(model=model, prompt="<eos> a", max_tokens=4, temperature=1.0, seed=1)
+    assert post(base, "completions", good, headers={}).status_code == 401
+    assert post(base, "completions", good).status_code == 200
+    bad = good | {"stream": True, "top_k": 5}
+    wrong = {"Authorization": "Bearer not-the-key"}
+    assert [post(base, "completions", bad, headers=h).status_code for h in ({}, wrong)] == [401, 401]
+    r = post(base, "completions", bad)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("top_k ")
+
+
+# (request field, value that asks for it) for fields the backend does not apply; each must be a 400 naming it.
+REFUSED = [("top_k", 5), ("min_tokens", 3), ("repetition_penalty", 1.3), ("presence_penalty", 0.5),
+           ("frequency_penalty", 0.5), ("bad_words", ["cow"]), ("allowed_token_ids", [5, 6]),
+           ("logit_bias", {"5": 2.0}), ("min_p", 0.1), ("prompt_logprobs", 1),
+           ("structured_outputs", {"regex": "a+"}), ("response_format", {"type": "json_object"}),
+           ("use_beam_search", True), ("best_of", 2), ("guided_json", {"type": "object"})]
+COMPLETION_ONLY = [("logprobs", 2)]
+CHAT_ONLY = [("logprobs", True)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["completions", "chat/completions"])
+def test_every_unapplied_field_is_a_400_that_names_it(server, route, stream):
+    base, _, model = server
+    chat = route.startswith("chat")
+    body = dict(model=model, max_tokens=8, temperature=1.0, seed=1, stream=stream)
+    body |= dict(messages=[{"role": "user", "content": "the old cow"}]) if chat else dict(prompt="<eos> a")
+    for name, value in REFUSED + (CHAT_ONLY if chat else COMPLETION_ONLY):
+        r = post(base, route, body | {name: value})
+        assert r.status_code == 400, (name, r.status_code, r.text[:300])
+        message = r.json()["error"]["message"]
+        assert name in message.split(":")[0], (name, message)
+    assert requests.get(f"{base}/health").status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllm_own_checks_stay_400s_before_the_stream(server, stream):
+    base, _, model = server
+    body = dict(model=model, prompt="<eos> a", max_tokens=8, stream=stream)
+    for bad, needle in ((dict(temperature=-1.0), "temperature"), (dict(presence_penalty=5.0), "presence_penalty"),
+                        (dict(n=0), "n"), (dict(seed="x"), "seed")):
+        r = post(base, "completions", body | bad)
+        assert r.status_code == 400 and needle in r.text, (bad, r.status_code, r.text[:300])
+    chat = dict(model=model, messages=[{"role": "user", "content": "a"}], tools=[], stream=stream)
+    r = post(base, "chat/completions", chat)
+    assert r.status_code == 400 and "tools" in r.text, r.text[:300]
+
+
+def test_n_samples_are_the_seeded_requests_alone(server):
+    _, client, model = server
+    prompt = "<eos> the old cow"
+    both = complete(client, model, prompt, max_tokens=16, temperature=1.0, seed=5, n=2)
+    alone = [complete(client, model, prompt, max_tokens=16, temperature=1.0, seed=s).choices[0].text for s in (5, 6)]
+    assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == alone
+
+
+def streamed(client, model, prompt, **kw) -> str:
+    return "".join(c.choices[0].text for c in complete(client, model, prompt, stream=True, **kw))
+
+
+@pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
+def test_temperature_zero_is_greedy_without_a_seed(server, algorithm):
+    """Identical requests at temperature 0 and no seed give identical text: streamed or not, alone or
+    among other requests; and the core's greedy text."""
+    _, client, model = server
+    prompt, xargs = "<eos> the old cow", {"algorithm": algorithm}
+    kw = dict(max_tokens=24, temperature=0.0, seed=None, xargs=xargs)
+    alone = [complete(client, model, prompt, **kw).choices[0].text, streamed(client, model, prompt, **kw)]
+
+    def one(i):
+        if i % 4 == 3:  # other traffic in the same steps: sampled requests with other prompts
+            complete(client, model, "<eos> some wolves", max_tokens=20, temperature=1.0, seed=i)
+            return None
+        return complete(client, model, prompt, **kw).choices[0].text if i % 2 else streamed(client, model, prompt, **kw)
+
+    with ThreadPoolExecutor(8) as pool:
+        together = [t for t in pool.map(one, range(8)) if isinstance(t, str)]
+    assert alone == [alone[0]] * 2 and together == [alone[0]] * 6
+    ckpt = load_checkpoint(checkpoint_path(4))
+    core = generate(ckpt.model, [ckpt.encode(prompt)], SamplerConfig(algorithm=algorithm, temperature=0.0,
+                    max_new_tokens=24), seeded_generators([0]), eos_id=ckpt.eos_id).generations[0]
+    assert alone[0] == " " + ckpt.decode(core.tokens)
+
+
 def test_plain_vllm_serve_decodes_blocks_too(tmp_path):
     """`vllm serve CKPT` with no flags: the plugin fills in the block-decoding engine arguments."""
     vllm = str(Path(sys.executable).with_name("vllm"))
-    proc, base, log = start([vllm, "serve", str(checkpoint_path(16))], tmp_path)
+    proc, base, log = start(lambda port: [vllm, "serve", str(checkpoint_path(16)), "--port", str(port)], tmp_path)
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120, max_retries=0)
         r = complete(client, client.models.list().data[0].id, "<eos> the old cow", max_tokens=20, seed=4)

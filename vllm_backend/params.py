@@ -10,7 +10,7 @@ KEYS = ("algorithm", "steps", "threshold", "block_size")
 def sampler_config(params, block_size: int) -> SamplerConfig:
     """A SamplerConfig for one request, or ValueError naming the bad field."""
     extra = dict(params.extra_args or {})
-    unknown = sorted(set(extra) - set(KEYS) - {"kv_transfer_params", "ec_transfer_params"})
+    unknown = sorted(set(extra) - set(KEYS))
     if unknown:
         raise ValueError(f"unknown vllm_xargs key(s) {', '.join(unknown)}; BD3 accepts {', '.join(KEYS)}")
     requested = extra.get("block_size")

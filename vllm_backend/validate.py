@@ -1,35 +1,53 @@
-"""Request validation for a BD3 server: bad sampler settings are a 400 with a message, never a broken step.
+"""Request validation for a BD3 server: a field the backend does not apply, or a bad sampler setting, is a
+400 that names it, never an ignored field or a broken step.
 
 - `BD3RequestValidator`, a `vllm.logits_processors` plugin: vLLM calls its `validate_params` on every
   request in the front end (offline `LLM.generate` and the server alike). It acts only in a process that
   serves a BD3 checkpoint.
 - `check_request`, an HTTP middleware (`--middleware vllm_backend.validate.check_request`, added by
-  `bd3 serve`): streaming requests are validated lazily by vLLM, after the 200 has been sent, so their
-  sampler settings and lengths are checked here first.
+  `bd3 serve`): checks the request body before vLLM sees it, for streaming requests too (vLLM validates
+  those lazily, after the 200 has been sent), and refuses body fields that never reach SamplingParams.
 """
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
+import os
+import sys
 
 import torch
+from vllm.exceptions import VLLMClientError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from . import hf_config
+from . import fields, hf_config
 from .params import sampler_config
+
+LOGLIKELIHOOD_HINT = ("lm_eval --model vllm cannot score log-likelihoods with a BD3 checkpoint (the vLLM "
+                      "backend computes no logprobs); use --model bd3 for loglikelihood tasks")
 
 
 def check_params(params, block_size: int) -> None:
+    """ValueError naming the field when `params` (a SamplingParams) asks for something the backend does not do."""
+    refused = fields.refusal(params)
+    if refused is not None:
+        raise ValueError(refused[1])
     sampler_config(params, block_size)
-    if getattr(params, "logprobs", None) is not None or getattr(params, "prompt_logprobs", None) is not None:
-        raise ValueError("logprobs are not supported by the BD3 backend")
+
+
+def _under_lm_eval() -> bool:
+    return os.path.basename(sys.argv[0]) in ("lm_eval", "lm-eval")
 
 
 class BD3RequestValidator(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        if hf_config.ACTIVE_BLOCK_SIZE is not None:
-            check_params(sampling_params, hf_config.ACTIVE_BLOCK_SIZE)
+        if hf_config.ACTIVE_BLOCK_SIZE is None:
+            return
+        if getattr(sampling_params, "prompt_logprobs", None) is not None and _under_lm_eval():
+            # lm_eval's vllm model asks for prompt logprobs for every loglikelihood request; under its
+            # command line the run ends with one line that says what to use instead, not a traceback.
+            print(f"error: {LOGLIKELIHOOD_HINT}", file=sys.stderr)
+            raise SystemExit(2)
+        check_params(sampling_params, hf_config.ACTIVE_BLOCK_SIZE)
 
     def __init__(self, vllm_config, device, is_pin_memory) -> None:
         pass
@@ -44,32 +62,88 @@ class BD3RequestValidator(LogitsProcessor):
         pass
 
 
-def _error(message: str):
+def _error(message: str, param: str | None = None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}},
+    return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}},
                         status_code=400)
 
 
+_ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+
+
 async def check_request(request, call_next):
-    if request.method != "POST" or request.url.path not in ("/v1/completions", "/v1/chat/completions"):
-        return await call_next(request)
+    route = _ROUTES.get(request.url.path)
     vllm_config = getattr(request.app.state, "vllm_config", None)
+    if request.method != "POST" or route is None or vllm_config is None or not _is_bd3(vllm_config):
+        return await call_next(request)
+    if not _authenticated(request):
+        return await call_next(request)  # vLLM's authentication, further in, answers 401 first
     try:
         body = json.loads(await request.body() or b"{}")
-    except ValueError:
-        return await call_next(request)  # vLLM answers malformed JSON itself
-    if vllm_config is None or not isinstance(body, dict) or not body.get("stream"):
-        return await call_next(request)
-    params = SimpleNamespace(extra_args=body.get("vllm_xargs"), temperature=body.get("temperature", 1.0) or 0.0,
-                             top_p=body.get("top_p", 1.0) or 1.0, max_tokens=body.get("max_tokens"),
-                             logprobs=body.get("logprobs"), prompt_logprobs=None)
+        parsed = _request_model(route).model_validate(body)
+    except (ValueError, VLLMClientError):
+        return await call_next(request)  # malformed JSON or fields: vLLM answers with its own 400
     try:
-        check_params(params, vllm_config.model_config.hf_config.block_size)
-        _check_lengths(request.app.state, body, vllm_config.model_config.max_model_len)
-    except (ValueError, TypeError) as err:
-        return _error(str(err))
+        refused = fields.body_refusal(parsed)
+        if refused is not None:
+            return _error(refused[1], refused[0])
+        params = parsed.to_sampling_params(_max_tokens(parsed), _defaults(request.app.state))
+        refused = fields.refusal(params)
+        if refused is not None:
+            return _error(refused[1], refused[0])
+        sampler_config(params, vllm_config.model_config.hf_config.block_size)
+        if route == "completion" and parsed.stream:
+            _check_lengths(request.app.state, body, vllm_config.model_config.max_model_len)
+    except (ValueError, TypeError, VLLMClientError) as err:  # vLLM's own checks of SamplingParams included
+        return _error(str(err), getattr(err, "parameter", None))
     return await call_next(request)
+
+
+def _is_bd3(vllm_config) -> bool:
+    return getattr(vllm_config.model_config.hf_config, "model_type", None) in ("bd3lm", "mdlm")
+
+
+def _request_model(route: str):
+    if route == "completion":
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        return CompletionRequest
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest
+
+
+def _max_tokens(parsed) -> int:
+    """The budget the request names (only its sign matters for validation; vLLM checks the length)."""
+    n = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+    return n if isinstance(n, int) and n > 0 else 1
+
+
+def _defaults(state) -> dict:
+    """The server's default sampling parameters (from the model's generation config), as vLLM applies them."""
+    defaults = getattr(state, "_bd3_sampling_defaults", None)
+    if defaults is None:
+        defaults = state.vllm_config.model_config.get_diff_sampling_param()
+        state._bd3_sampling_defaults = defaults
+    return defaults
+
+
+def _authenticated(request) -> bool:
+    """Whether vLLM's AuthenticationMiddleware (if the server has one) will let this request through.
+    User middleware wraps vLLM's, so this runs first; an unauthenticated request must get vLLM's 401, not
+    a 400 that reveals how the server validates requests."""
+    state = request.app.state
+    guard = getattr(state, "_bd3_auth", False)
+    if guard is False:
+        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+        guard = None
+        for m in request.app.user_middleware:
+            if m.cls is AuthenticationMiddleware:
+                guard = AuthenticationMiddleware(None, *m.args, **m.kwargs)
+        state._bd3_auth = guard
+    return guard is None or guard.verify_token(request.headers)
 
 
 def _check_lengths(state, body: dict, max_model_len: int) -> None:
