@@ -94,6 +94,27 @@ def exact_sample_nll(source: Source, text: str):
     return nll, count
 
 
+def test_stream_logprobs_add_up_to_each_documents_exact_probability():
+    from bd3_plugin.tinyworld.grammar import corpus
+    from bd3_plugin.tinyworld.stream import document_validity, stream_logprobs
+
+    source = Source()
+    docs = corpus(5, seed=2, source=source)
+    words = [EOS] + [w for d in docs for w in d]
+    lps = stream_logprobs(source, words)
+    at = 0
+    for d in docs:
+        assert sum(lps[at : at + len(d)]) == pytest.approx(source.log_prob(d), abs=1e-9)
+        at += len(d)
+    broken = [EOS, "the", "the", "cow", EOS] + docs[0]
+    lps = stream_logprobs(source, broken)
+    # lps[i] scores broken[i + 1]: "the" is fine, a second "the" is impossible, the rest of that document
+    # has no probability, and the next document is scored afresh.
+    assert lps[0] > -math.inf and lps[1] == -math.inf and lps[2] is None and lps[3] is None
+    assert sum(lps[4:]) == pytest.approx(source.log_prob(docs[0]), abs=1e-9) and len(lps) == 4 + len(docs[0])
+    assert document_validity(broken, lps) == (1, 2)
+
+
 def test_genppl_with_the_source_scorer_gives_the_exact_nll(tmp_path, capsys):
     out_file = tmp_path / "samples.jsonl"
     rc = main(["genppl", str(checkpoint_path(4)), "--scorer", "source", "--preset", "paper", "--num-samples", "6",
