@@ -43,14 +43,19 @@ class CausalLMScorer:
     """A causal LM and its tokenizer, loaded by name or path (e.g. `gpt2-large`, the paper's)."""
 
     def __init__(self, name: str, device: str = "cpu", stride: int | None = None) -> None:
+        from huggingface_hub.utils import logging as hub_logging
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        verbosity = hub_logging.get_verbosity()
+        hub_logging.set_verbosity_error()  # a failed load is reported once, below, not per retry
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
             self.model = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ScorerError(f"cannot load the scorer {name!r}: {first}") from None
+        finally:
+            hub_logging.set_verbosity(verbosity)
         cfg = self.model.config
         self.name, self.device = name, device
         self.context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024
