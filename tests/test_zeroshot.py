@@ -1,5 +1,6 @@
 """The paper's zero-shot protocol: rows from a corpus against the reference's rules written out here, the
 request format, the token count, and a rolling task through the real `lm_eval` command."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -153,3 +154,32 @@ def test_rows_task_through_lm_eval_reports_the_exact_token_perplexity(tmp_path):
     nll = _exact_row_nll(loaded.model, rows)
     expected = math.exp(nll / (len(rows) * (length - 1)))
     assert res["token_perplexity,none"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_adapter_scores_a_corpus_in_rows_or_per_document():
+    from lm_eval.api.instance import Instance
+
+    from bd3_plugin.lm_eval_adapter import BD3EvalLM
+    from bd3_plugin.scoring import score_windows
+    from bd3_plugin.zeroshot import row_windows
+
+    lm = BD3EvalLM(pretrained=str(checkpoint_path(4)), batch_size=8, mc_samples=2)
+    records = [d.text + " <eos>" for d in read_heldout()[:40]]
+    corpus = join_records(records)
+
+    def rolling(texts, protocol):
+        lm.args = dataclasses.replace(lm.args, protocol=protocol)
+        return lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i)
+                                         for i, t in enumerate(texts)], disable_tqdm=True)
+
+    (rows_ll,) = rolling([corpus], "auto")
+    tok = lm.tokenizer
+    rows = reference_rows([tok.encode(r, add_special_tokens=False) for r in records], 128)
+    rows = [[tok.bos_token_id] + r[1:-1] + [tok.eos_token_id] for r in rows]
+    expected = -score_windows(lm.model, row_windows(rows, 0), mc_samples=2, seed=1234).mean(dim=1).sum().item()
+    assert rows_ll == pytest.approx(expected, rel=1e-6) and rows_ll.tokens == len(rows) * 127 > 0
+
+    (docs_ll,) = rolling([corpus], "documents")
+    per_doc = rolling(records, "documents")
+    assert docs_ll == pytest.approx(sum(per_doc), rel=1e-6)
+    assert docs_ll.tokens == sum(x.tokens for x in per_doc) == sum(len(tok.encode(r)) for r in records)
