@@ -27,10 +27,11 @@ def process_results(doc, results):
             "bits_per_byte": (loglikelihood, len(doc_to_target(doc).encode()))} | _token_perplexity(loglikelihood)
 
 
-def load_corpus(**kwargs):
+def load_corpus(n_docs=None, **kwargs):
     """The held-out set as one corpus for the paper's row protocol: every document with its `<eos>`, in
-    order (the end of a document is a token of this language, so the stream keeps it)."""
-    docs = read_heldout()
+    order (the end of a document is a token of this language, so the stream keeps it). `--metadata
+    '{"n_docs": N}'` keeps the first N documents."""
+    docs = read_heldout()[: None if n_docs is None else int(n_docs)]
     records = [doc_to_target({"text": d.text}) for d in docs]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(
         [{"records": records, "tokens": sum(d.tokens for d in docs)}])})
