@@ -168,3 +168,28 @@ def summarise(draws: Draws, scores: Sequence[SampleScore]) -> dict:
                 "gen_ppl_valid": sum(valid) / len(valid) if valid else math.inf,
                 "valid_documents": sum(s.valid_documents for s in scores) / docs if docs else math.nan}
     return out
+
+
+@dataclass
+class GenPPLResult:
+    report: dict  # summarise()'s numbers and the settings they come from
+    texts: list[str]  # each sample decoded, BOS included: what the scorer read
+    scores: list[SampleScore]
+    draws: Draws
+
+
+def generative_perplexity(ckpt, scorer, sampler: SamplerConfig, cfg: GenPPLConfig,
+                          progress: Callable[[int], None] | None = None) -> GenPPLResult:
+    """The whole protocol for a loaded checkpoint (`checkpoint.Checkpoint`) and a scorer (`make_scorer`)."""
+    tok = ckpt.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if bos is None:
+        raise ValueError("the checkpoint's tokenizer has neither a BOS nor an EOS token to start samples from")
+    draws = draw_samples(ckpt.model, bos, sampler, cfg, progress=progress)
+    texts = [ckpt.decode(x) for x in draws.samples]
+    scores = scorer.score(texts, cfg.length)
+    report = {"block_size": ckpt.config.block_size, "length": cfg.length,
+              "sampler": dataclasses.asdict(fixed_length_sampler(sampler, cfg.length)),
+              "entropy_threshold": cfg.entropy_threshold, "entropy_window": cfg.entropy_window,
+              "max_tries": cfg.max_tries, "seed": cfg.seed} | summarise(draws, scores)
+    return GenPPLResult(report, texts, scores, draws)

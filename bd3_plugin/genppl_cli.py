@@ -1,7 +1,6 @@
 """`bd3 genppl`: the command line of generative perplexity (the protocol is genppl.py)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ def add_genppl_parser(sub) -> None:
 
 def cmd_genppl(args) -> dict:
     from .cli import UsageError, _load  # imported here: cli imports this module
-    from .genppl import GenPPLConfig, draw_samples, fixed_length_sampler, make_scorer, sampler_config, summarise
+    from .genppl import GenPPLConfig, generative_perplexity, make_scorer, sampler_config
 
     sampler = sampler_config(args.preset, algorithm=args.algorithm, temperature=args.temperature,
                              top_p=args.top_p, steps=args.steps)
@@ -58,25 +57,17 @@ def cmd_genppl(args) -> dict:
         raise UsageError(f"--length {length} is not a multiple of the block size {ckpt.config.block_size}")
     if args.scorer == "source" and not _tiny_world_tokenizer(ckpt.tokenizer):
         raise UsageError("--scorer source needs a checkpoint of the tiny world (its word-level tokenizer)")
-    scorer = make_scorer(args.scorer, device=args.scorer_device, stride=args.stride)
-    bos = ckpt.tokenizer.bos_token_id if ckpt.tokenizer.bos_token_id is not None else ckpt.eos_id
-    if bos is None:
-        raise UsageError("the checkpoint's tokenizer has neither a BOS nor an EOS token to start samples from")
+    scorer = make_scorer(args.scorer, device=args.scorer_device, stride=args.stride)  # fails before sampling
     from tqdm import tqdm
 
     start = time.perf_counter()
     with tqdm(total=cfg.num_samples, desc="genppl samples", disable=args.json) as bar:
-        draws = draw_samples(ckpt.model, bos, sampler, cfg, progress=bar.update)
-    texts = [ckpt.decode(x) for x in draws.samples]
-    scores = scorer.score(texts, cfg.length)
-    out = {"checkpoint": str(ckpt.path), "block_size": ckpt.config.block_size, "scorer": args.scorer,
-           "length": cfg.length,
-           "sampler": dataclasses.asdict(fixed_length_sampler(sampler, cfg.length)), "entropy_threshold": cfg.entropy_threshold,
-           "entropy_window": cfg.entropy_window, "max_tries": cfg.max_tries, "seed": cfg.seed}
-    out |= summarise(draws, scores) | {"seconds": time.perf_counter() - start}
+        result = generative_perplexity(ckpt, scorer, sampler, cfg, progress=bar.update)
+    out = {"checkpoint": str(ckpt.path), "scorer": args.scorer} | result.report
+    out["seconds"] = time.perf_counter() - start
     if args.samples_out is not None:
         with args.samples_out.open("w") as f:
-            for text, s, ppl, tries in zip(texts, scores, out["per_sample_ppl"], draws.tries):
+            for text, s, ppl, tries in zip(result.texts, result.scores, out["per_sample_ppl"], result.draws.tries):
                 f.write(json.dumps({"text": text, "nll": s.nll, "tokens": s.tokens, "ppl": ppl, "tries": tries,
                                     "valid": s.valid}) + "\n")
     if not args.json:
