@@ -55,6 +55,8 @@ def cmd_genppl(args) -> dict:
                        max_tries=args.max_tries, seed=args.seed)
     if length % ckpt.config.block_size:
         raise UsageError(f"--length {length} is not a multiple of the block size {ckpt.config.block_size}")
+    if args.scorer == "source" and args.stride is not None:
+        raise UsageError("--stride sets a causal LM scorer's sliding window; the source scores whole streams")
     if args.scorer == "source" and not _tiny_world_tokenizer(ckpt.tokenizer):
         raise UsageError("--scorer source needs a checkpoint of the tiny world (its word-level tokenizer)")
     scorer = make_scorer(args.scorer, device=args.scorer_device, stride=args.stride)  # fails before sampling

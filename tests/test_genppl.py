@@ -202,6 +202,7 @@ def test_genppl_with_a_local_causal_lm_matches_a_naive_per_sample_computation(tm
     (["--scorer", "source", "--length", "1"], "length must be at least 2"),
     (["--scorer", "source", "--num-samples", "0"], "num_samples must be a positive integer"),
     (["--scorer", "source", "--top-p", "1.5"], "top_p must lie in"),
+    (["--scorer", "source", "--stride", "8"], "--stride sets a causal LM scorer's"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
