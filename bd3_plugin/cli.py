@@ -1,4 +1,4 @@
-"""`bd3`: inspect a checkpoint, compute its NELBO on a text, sample from it.
+"""`bd3`: inspect a checkpoint, compute its NELBO on a text, sample from it, measure its generative perplexity.
 
 Every user error ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .generate import ALGORITHMS
+from .genppl_cli import add_genppl_parser, cmd_genppl
 
 
 class UsageError(ValueError):
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="default: 8000")
     serve.add_argument("--max-model-len", type=int, default=None, help="default: the model length")
     add_train_parser(sub)
+    add_genppl_parser(sub)
     return parser
 
 
@@ -243,7 +245,7 @@ def cmd_world(args) -> dict:
 
 
 COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample, "train": cmd_train, "world": cmd_world,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "genppl": cmd_genppl}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from .generate import SamplerConfig, generate
 from .noise import seeded_generators
-from .scoring import content_seed, document_windows, greedy_windows, score_windows, windows
+from .scoring import content_seed, greedy_windows, score_windows, windows
+from .zeroshot import PROTOCOLS, ScoredLoglikelihood, rolling_windows
 
 log = logging.getLogger(__name__)
 _CHUNK = 64  # requests scored between two writes to lm-eval's cache
@@ -49,6 +50,7 @@ class AdapterArgs:
     threshold: float = 0.9
     max_gen_toks: int = 256
     greedy_check: bool = True  # compute is_greedy (one extra pass per request)
+    protocol: str = "auto"  # loglikelihood_rolling: rows | documents | auto (see zeroshot.py)
 
     def __post_init__(self) -> None:
         for name in ("mc_samples", "batch_size", "max_gen_toks"):
@@ -57,6 +59,9 @@ class AdapterArgs:
                 raise BD3ArgsError(f"bd3 model_args: {name} must be a positive integer, got {value!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise BD3ArgsError(f"bd3 model_args: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.protocol not in PROTOCOLS:
+            raise BD3ArgsError(f"bd3 model_args: protocol must be one of {', '.join(PROTOCOLS)}, "
+                               f"got {self.protocol!r}")
 
     @classmethod
     def parse(cls, kwargs: dict) -> "AdapterArgs":
@@ -178,15 +183,24 @@ class BD3EvalLM(TemplateLM):
         self._truncated += 1
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each result carries the number of tokens it scored (`ScoredLoglikelihood.tokens`)."""
+        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eot_token_id
         results = []
         for start in tqdm(range(0, len(requests), _CHUNK), desc="bd3 rolling", disable=disable_tqdm):
             chunk = requests[start : start + _CHUNK]
-            wins = [w for j, req in enumerate(chunk)
-                    for w in document_windows(self.tok_encode(req.args[0]), self.max_length, self.eot_token_id, j)]
-            ll, _ = self._score(wins, len(chunk)) if wins else ([], [])
-            for req, value in zip(chunk, ll):
-                self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), value)
-            results += ll
+            wins, tokens = [], []
+            for j, req in enumerate(chunk):
+                try:
+                    w, n = rolling_windows(req.args[0], self.args.protocol, self.tok_encode, self.max_length,
+                                           bos, self.eot_token_id, j)
+                except ValueError as err:
+                    _fail(err)
+                wins += w
+                tokens.append(n)
+            ll, _ = self._score(wins, len(chunk))
+            for req, value, n in zip(chunk, ll, tokens):
+                results.append(ScoredLoglikelihood(value, n))
+                self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), results[-1])
         return results
 
     # ---- generation ---------------------------------------------------------------------------

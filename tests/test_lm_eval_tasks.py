@@ -31,12 +31,23 @@ def test_local_tasks_build_from_the_bundled_data():
         assert task.doc_to_target(docs[0]) is not None
 
 
-def test_detokenizers():
+def test_zeroshot_tasks_make_one_corpus_of_detokenised_documents():
+    import datasets
+
+    from bd3_plugin.zeroshot import RECORD_SEPARATOR, ScoredLoglikelihood
+
     cfg = load_yaml(TASKS / "bd3_zeroshot" / "bd3_zs_wikitext.yaml")
-    wikitext = cfg["doc_to_target"]
-    assert wikitext({"page": " = = Early life = = \n He was born in 1 @,@ 900 , in a small @-@ town . "}) == \
-        "== Early life ==\nHe was born in 1,900, in a small-town."
-    ptb = load_yaml(TASKS / "bd3_zeroshot" / "bd3_zs_ptb.yaml")["doc_to_target"]
-    assert ptb({"sentence": "the company 's shares did n't rise 5\\/8 %"}) == "the company's shares didn't rise 5/8%"
-    results = cfg["process_results"]({"page": " a b , c . "}, [-3.0])
-    assert results["word_perplexity"] == (-3.0, 3) and results["bits_per_byte"] == (-3.0, 7)  # "a b, c."
+    split = datasets.Dataset.from_list([{"text": " = = Early life = = \n"}, {"text": ""},
+                                        {"text": " He was born in 1 @,@ 900 , in a small @-@ town . \n"}])
+    (doc,) = list(cfg["process_docs"](split))
+    # The reference's rules keep a line's leading space (it is part of the text GPT-2 sees).
+    assert doc["records"] == [" == Early life ==\n", "", " He was born in 1,900, in a small-town.\n"]
+    assert cfg["doc_to_target"](doc) == RECORD_SEPARATOR.join(doc["records"])
+    ptb = load_yaml(TASKS / "bd3_zeroshot" / "bd3_zs_ptb.yaml")
+    (pdoc,) = list(ptb["process_docs"](datasets.Dataset.from_list(
+        [{"sentence": "the company 's shares did n't rise N \\/ N points"}])))
+    assert pdoc["records"] == ["the company's shares didn't rise 1 / 1 points"]
+    results = cfg["process_results"](doc, [ScoredLoglikelihood(-3.0, 12)])
+    assert results["token_perplexity"] == (-3.0, 12)
+    assert results["word_perplexity"] == (-3.0, 12) and results["bits_per_byte"] == (-3.0, 18 + 40)
+    assert "token_perplexity" not in cfg["process_results"](doc, [-3.0])  # a model without a token count

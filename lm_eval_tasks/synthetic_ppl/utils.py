@@ -1,6 +1,7 @@
 import datasets
 
 from bd3_plugin.tinyworld.data import read_heldout
+from bd3_plugin.zeroshot import join_records
 
 
 def load(**kwargs):
@@ -13,9 +14,34 @@ def doc_to_target(doc):
     return doc["text"] + " <eos>"  # the end of the document is part of what is scored
 
 
+def _token_perplexity(loglikelihood) -> dict:
+    tokens = getattr(loglikelihood, "tokens", None)  # reported by `--model bd3`
+    return {} if tokens is None else {"token_perplexity": (float(loglikelihood), tokens)}
+
+
 def process_results(doc, results):
     (loglikelihood,) = results
     # Word-level tokenizer: one word, one token; the EOS counts as a word, as it does in the source.
     return {"word_perplexity": (loglikelihood, doc["tokens"]),
             "true_word_perplexity": (doc["logprob"], doc["tokens"]),
-            "bits_per_byte": (loglikelihood, len(doc_to_target(doc).encode()))}
+            "bits_per_byte": (loglikelihood, len(doc_to_target(doc).encode()))} | _token_perplexity(loglikelihood)
+
+
+def load_corpus(n_docs=None, **kwargs):
+    """The held-out set as one corpus for the paper's row protocol: every document with its `<eos>`, in
+    order (the end of a document is a token of this language, so the stream keeps it). `--metadata
+    '{"n_docs": N}'` keeps the first N documents."""
+    docs = read_heldout()[: None if n_docs is None else int(n_docs)]
+    records = [doc_to_target({"text": d.text}) for d in docs]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(
+        [{"records": records, "tokens": sum(d.tokens for d in docs)}])})
+
+
+def corpus_text(doc):
+    return join_records(doc["records"])
+
+
+def corpus_results(doc, results):
+    (loglikelihood,) = results
+    return {"bits_per_byte": (loglikelihood, sum(len(r.encode()) for r in doc["records"]))} | \
+        _token_perplexity(loglikelihood)
