@@ -1,6 +1,7 @@
 """Train a BD3-LM on the synthetic source or a text file (spec §3.5, scaled down).
 
     bd3 train --out runs/bd3-L4 --block-size 4 [--steps N] [--data synthetic|FILE --tokenizer DIR]
+              [--source grammar|copy]
 
 AdamW, linear warm-up then constant, gradient clipping, EMA weights (what the checkpoint holds), an
 optional clipped noise schedule U[β, ω] with per-block resampling, a progress bar, and a trainer state
@@ -69,14 +70,19 @@ def rows_from_stream(ids: list[int], length: int) -> torch.Tensor:
     return torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)
 
 
-def training_data(data: str, tokenizer_dir: Path | None, length: int, n_docs: int):
-    """Rows (R, length) and the tokenizer: the synthetic corpus, or a text file with its tokenizer."""
+def training_data(data: str, tokenizer_dir: Path | None, length: int, n_docs: int, source: str = "grammar"):
+    """Rows (R, length) and the tokenizer: a synthetic source's corpus (the grammar or the copy task, both
+    over the grammar's tokenizer), or a text file with its tokenizer."""
     from .tinyworld.grammar import build_tokenizer
-    from .tinyworld.data import stream_ids, training_docs
+    from .tinyworld.data import SOURCES, training_stream
 
+    if source not in SOURCES:
+        raise ValueError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
     if data == "synthetic":
         tokenizer = build_tokenizer()
-        return rows_from_stream(stream_ids(training_docs(n_docs), tokenizer), length), tokenizer
+        return rows_from_stream(training_stream(source, n_docs, tokenizer), length), tokenizer
+    if source != "grammar":
+        raise ValueError(f"--source {source} applies to --data synthetic only")
     path = Path(data)
     if not path.is_file():
         raise ValueError(f"--data must be 'synthetic' or a text file; {path} does not exist")
