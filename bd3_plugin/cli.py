@@ -92,6 +92,8 @@ def add_train_parser(sub) -> None:
         train.add_argument(f"--{name}", type=float, default=default)
     train.add_argument("--resample", action="store_true", help="resample blocks outside [eps-min, eps-max]")
     train.add_argument("--resume", action="store_true", help="continue from the folder's trainer state")
+    train.add_argument("--init-from", default=None,
+                       help="start from this checkpoint's weights (same architecture; any block size)")
     train.add_argument("--device", default="cpu")
 
 
@@ -193,7 +195,7 @@ def cmd_train(args) -> dict:
                      n_heads=args.n_heads, n_blocks=args.n_blocks, cond_dim=args.cond_dim, steps=args.steps,
                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema=args.ema,
                      eps_min=args.eps_min, eps_max=args.eps_max, resample=args.resample, seed=args.seed,
-                     save_every=args.save_every)
+                     save_every=args.save_every, init_from=args.init_from)
     rows, tokenizer = training_data(args.data, args.tokenizer, tc.model_length, args.n_docs, args.source)
     tc.model_config(len(tokenizer), tokenizer.mask_token_id)  # validates the shapes before any work
     if (args.out / "trainer_state.pt").exists() and not args.resume:

@@ -138,3 +138,12 @@ def test_copy_gen_task_through_the_lm_eval_cli(tmp_path):
     mine = [s["resps"][0][0].strip() == answers[s["doc"]["prompt"]] for s in samples]
     assert len(mine) == 8 and exact == pytest.approx(sum(mine) / 8)
     assert exact >= 0.75
+
+
+def test_world_refuses_a_bad_threshold_in_one_line(capsys):
+    from bd3_plugin.cli import main
+
+    assert main(["world", "--threshold", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "bd3 world: error: --threshold must lie in (0, 1], got 2.0"
+    assert main(["train", "--out", "x", "--block-size", "4", "--source", "copy", "--data", "README.md"]) == 2
+    assert "applies to --data synthetic only" in capsys.readouterr().err

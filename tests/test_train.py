@@ -90,3 +90,19 @@ def test_bad_source_is_refused(tmp_path):
     text.write_text("hello")
     with pytest.raises(ValueError, match="applies to --data synthetic only"):
         training_data(str(text), tmp_path, 128, 10, "copy")
+
+
+def test_init_from_starts_at_another_runs_weights(tmp_path, data):
+    """A run at L' = 8 warm-started from an L' = 4 checkpoint begins at exactly its weights (the noise
+    schedule buffers stay this run's own); another architecture is refused."""
+    first = make(tmp_path / "a", data, steps=5)
+    first.run(progress=False)
+    warm = make(tmp_path / "b", data, steps=5, block_size=8, init_from=str(tmp_path / "a"), eps_min=0.3)
+    saved = load_checkpoint(tmp_path / "a").model.state_dict()
+    for name, tensor in warm.model.state_dict().items():
+        if "sampling_eps" not in name:
+            assert torch.equal(tensor, saved[name]), name
+    assert warm.model.config.block_size == 8 and float(warm.model.sampling_eps_min) == pytest.approx(0.3)
+    assert all(torch.equal(a, b) for a, b in zip(warm.ema.state_dict().values(), warm.model.state_dict().values()))
+    with pytest.raises(ValueError, match="another architecture"):
+        make(tmp_path / "c", data, steps=5, hidden_dim=32, init_from=str(tmp_path / "a"))
