@@ -3,18 +3,22 @@
 # one checkpoint per block size, each trained by the one `bd3 train` command below (about 13 minutes on
 # 2 CPU cores). Training runs go to runs/ (resumable there); the checkpoint files are then copied in.
 #   bash scripts/build_tiny_world.sh [L ...]        # default: 1 4 16 128
-# With `copy` first it rebuilds the copy task instead: its held-out items and one checkpoint per block size
-# (about 7 minutes each on one CPU thread, OMP_NUM_THREADS=1 as they were trained).
-#   bash scripts/build_tiny_world.sh copy [L ...]   # default: 4 16
+# With `copy` it rebuilds the copy task instead: its held-out items, the L' = 16 checkpoint from scratch, then
+# L' = 4 fine-tuned from it (trained with OMP_NUM_THREADS=1, one thread each).
+#   bash scripts/build_tiny_world.sh copy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bd3=.venv/bin/bd3
 if [ "${1:-}" = copy ]; then
-    shift
     .venv/bin/python -c "from bd3_plugin.tinyworld.data import COPY_HELDOUT, write_copy_heldout; write_copy_heldout(COPY_HELDOUT, 200)"
-    for size in ${@:-4 16}; do
-        OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} $bd3 train --source copy --out "runs/tiny-bd3-copy-L$size" \
-            --block-size "$size" --steps 800 --batch-size 16 --lr 2e-3 --ema 0.995 --n-docs 100000 --resume
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    common=(--source copy --batch-size 16 --ema 0.995 --n-docs 100000 --resume)
+    $bd3 train --out runs/tiny-bd3-copy-L16 --block-size 16 --steps 800 --lr 2e-3 "${common[@]}"
+    # From scratch at L' = 4 the copy is not found within 400 steps; the L' = 16 weights already copy at
+    # L' = 4 (only the attention masks change), so L' = 4 is fine-tuned from them.
+    $bd3 train --out runs/tiny-bd3-copy-L4 --block-size 4 --steps 300 --lr 1e-3 --warmup 20 \
+        --init-from runs/tiny-bd3-copy-L16 "${common[@]}"
+    for size in 16 4; do
         dest="bd3_plugin/checkpoints/tiny-bd3-copy-L$size"
         mkdir -p "$dest"
         cp "runs/tiny-bd3-copy-L$size"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$dest/"

@@ -17,6 +17,7 @@ class CopyScore:
     answer_tokens: int  # tokens revealed in the answers (the words and EOS, when reached)
     row_passes: int  # denoising passes summed over rows (each row counts the passes in which it had masks)
     batch_passes: int  # batched denoising passes of the whole run
+    batch_commits: int  # batched passes that stored clean blocks (the prompt's included)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -43,4 +44,4 @@ def solve(ckpt, items: list[CopyItem], sampler: SamplerConfig, seed: int = 0,
         correct += source.is_correct(item.prompt.split(), words)
         tokens += len(words)
         passes += g.denoise_steps
-    return CopyScore(len(items), correct / len(items), tokens, passes, out.denoise_passes)
+    return CopyScore(len(items), correct / len(items), tokens, passes, out.denoise_passes, out.commit_passes)
