@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--mc-samples", type=int, default=4)
     world.add_argument("--samples", type=int, default=64, help="sampled documents per checkpoint and sampler")
     world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--threshold", type=float, default=0.9, help="threshold sampler confidence (copy task)")
+    world.add_argument("--copy-items", type=int, default=200, help="held-out copy items per checkpoint")
     world.add_argument("--json", action="store_true")
     serve = sub.add_parser("serve", help="serve a checkpoint with vLLM's OpenAI-compatible server",
                            allow_abbrev=False, usage="bd3 serve [CHECKPOINT] [--host H] [--port N] [--max-model-len M] "
@@ -82,6 +84,8 @@ def add_train_parser(sub) -> None:
     train.add_argument("--block-size", required=True, type=int)
     train.add_argument("--data", default="synthetic", help="'synthetic' or a text file")
     train.add_argument("--tokenizer", type=Path, help="tokenizer folder (for a text file)")
+    train.add_argument("--source", default="grammar", choices=("grammar", "copy"),
+                       help="synthetic source (with --data synthetic): the grammar or the copy task")
     train.add_argument("--n-docs", type=int, default=30000, help="synthetic training documents")
     for name, default in (("model-length", 128), ("hidden-dim", 128), ("n-heads", 4), ("n-blocks", 4),
                           ("cond-dim", 64), ("steps", 1200), ("batch-size", 32), ("warmup", 100),
@@ -91,6 +95,8 @@ def add_train_parser(sub) -> None:
         train.add_argument(f"--{name}", type=float, default=default)
     train.add_argument("--resample", action="store_true", help="resample blocks outside [eps-min, eps-max]")
     train.add_argument("--resume", action="store_true", help="continue from the folder's trainer state")
+    train.add_argument("--init-from", default=None,
+                       help="start from this checkpoint's weights (same architecture; any block size)")
     train.add_argument("--device", default="cpu")
 
 
@@ -192,8 +198,8 @@ def cmd_train(args) -> dict:
                      n_heads=args.n_heads, n_blocks=args.n_blocks, cond_dim=args.cond_dim, steps=args.steps,
                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema=args.ema,
                      eps_min=args.eps_min, eps_max=args.eps_max, resample=args.resample, seed=args.seed,
-                     save_every=args.save_every)
-    rows, tokenizer = training_data(args.data, args.tokenizer, tc.model_length, args.n_docs)
+                     save_every=args.save_every, init_from=args.init_from)
+    rows, tokenizer = training_data(args.data, args.tokenizer, tc.model_length, args.n_docs, args.source)
     tc.model_config(len(tokenizer), tokenizer.mask_token_id)  # validates the shapes before any work
     if (args.out / "trainer_state.pt").exists() and not args.resume:
         raise UsageError(f"{args.out} holds a training run; pass --resume to continue it")
@@ -232,16 +238,25 @@ def cmd_serve(args) -> dict:
 
 def cmd_world(args) -> dict:
     from .tinyworld.data import HELDOUT, bundled_checkpoints, read_heldout
-    from .tinyworld.report import as_dicts, markdown, world_rows
+    from .tinyworld.report import (as_dicts, copy_dicts, copy_markdown, copy_rows, heldout_answer_entropy, markdown,
+                                   world_rows)
 
-    if args.mc_samples < 1 or args.samples < 1:
-        raise UsageError("--mc-samples and --samples must be >= 1")
+    if args.mc_samples < 1 or args.samples < 1 or args.copy_items < 1:
+        raise UsageError("--mc-samples, --samples and --copy-items must be >= 1")
+    if not 0 < args.threshold <= 1:
+        raise UsageError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if not bundled_checkpoints():
         raise UsageError("no bundled checkpoints found; run scripts/build_tiny_world.sh")
     rows = world_rows(mc_samples=args.mc_samples, n_samples=args.samples, seed=args.seed, progress=not args.json)
+    copy = copy_rows(threshold=args.threshold, mc_samples=args.mc_samples, seed=args.seed, n_items=args.copy_items)
+    entropy = heldout_answer_entropy(args.copy_items)
     if not args.json:
         print(markdown(rows, args.mc_samples, args.samples, len(read_heldout(HELDOUT))))
-    return {"rows": as_dicts(rows)}
+        if copy:
+            print()
+            print(copy_markdown(copy, args.threshold, args.mc_samples, entropy))
+    return {"rows": as_dicts(rows), "copy": {"answer_entropy": entropy, "threshold": args.threshold,
+                                             "rows": copy_dicts(copy)}}
 
 
 COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample, "train": cmd_train, "world": cmd_world,

@@ -1,6 +1,7 @@
 """Train a BD3-LM on the synthetic source or a text file (spec §3.5, scaled down).
 
     bd3 train --out runs/bd3-L4 --block-size 4 [--steps N] [--data synthetic|FILE --tokenizer DIR]
+              [--source grammar|copy] [--init-from CKPT]
 
 AdamW, linear warm-up then constant, gradient clipping, EMA weights (what the checkpoint holds), an
 optional clipped noise schedule U[β, ω] with per-block resampling, a progress bar, and a trainer state
@@ -44,6 +45,7 @@ class TrainConfig:
     resample: bool = False  # redraw a block's mask until its masked fraction lies in [eps_min, eps_max]
     seed: int = 0
     save_every: int = 200
+    init_from: str | None = None  # start from this checkpoint's weights (same architecture, any block size)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "warmup", "save_every"):
@@ -69,14 +71,19 @@ def rows_from_stream(ids: list[int], length: int) -> torch.Tensor:
     return torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)
 
 
-def training_data(data: str, tokenizer_dir: Path | None, length: int, n_docs: int):
-    """Rows (R, length) and the tokenizer: the synthetic corpus, or a text file with its tokenizer."""
+def training_data(data: str, tokenizer_dir: Path | None, length: int, n_docs: int, source: str = "grammar"):
+    """Rows (R, length) and the tokenizer: a synthetic source's corpus (the grammar or the copy task, both
+    over the grammar's tokenizer), or a text file with its tokenizer."""
     from .tinyworld.grammar import build_tokenizer
-    from .tinyworld.data import stream_ids, training_docs
+    from .tinyworld.data import SOURCES, training_stream
 
+    if source not in SOURCES:
+        raise ValueError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
     if data == "synthetic":
         tokenizer = build_tokenizer()
-        return rows_from_stream(stream_ids(training_docs(n_docs), tokenizer), length), tokenizer
+        return rows_from_stream(training_stream(source, n_docs, tokenizer), length), tokenizer
+    if source != "grammar":
+        raise ValueError(f"--source {source} applies to --data synthetic only")
     path = Path(data)
     if not path.is_file():
         raise ValueError(f"--data must be 'synthetic' or a text file; {path} does not exist")
@@ -129,12 +136,30 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.model = BD3LM(tc.model_config(vocab_size, mask_id)).to(device)
         self.model.reset_parameters(torch.Generator().manual_seed(tc.seed))
+        if tc.init_from is not None:
+            self._warm_start(tc.init_from, mask_id)
         self.ema = copy.deepcopy(self.model).eval()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=tc.weight_decay)
         self.gen = torch.Generator().manual_seed(tc.seed + 1)
         self.step = 0
         self.losses: list[float] = []
+
+    def _warm_start(self, path: str, mask_id: int) -> None:
+        """Fine-tune from another run's weights: the block size only changes the attention masks, so a
+        model trained at one L' is a starting point for another (the BD3 paper's recipe from MDLM)."""
+        from .checkpoint import load_checkpoint
+
+        src = load_checkpoint(path)
+        if src.config.mask_id != mask_id:
+            raise ValueError(f"--init-from {path}: its mask id {src.config.mask_id} is not the tokenizer's {mask_id}")
+        theirs, mine = src.model.state_dict(), self.model.state_dict()
+        bad = sorted(k for k in mine.keys() | theirs.keys()
+                     if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
+        if bad:
+            raise ValueError(f"--init-from {path}: another architecture ({len(bad)} tensors differ, e.g. {bad[0]})")
+        own_schedule = {k: v for k, v in mine.items() if k.endswith(("sampling_eps_min", "sampling_eps_max"))}
+        self.model.load_state_dict(theirs | own_schedule)
 
     def resume(self) -> bool:
         path = self.out / STATE

@@ -11,7 +11,7 @@ YAMLS = sorted(TASKS.rglob("*.yaml"))
 
 def test_every_task_folder_has_a_readme():
     folders = {p.parent for p in YAMLS}
-    assert len(folders) == 4 and all((f / "README.md").is_file() for f in folders)
+    assert len(folders) == 5 and all((f / "README.md").is_file() for f in folders)
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.stem)
@@ -24,7 +24,7 @@ def test_yaml_loads_and_functions_resolve(path):
 
 
 def test_local_tasks_build_from_the_bundled_data():
-    for name in ("synthetic_ppl", "synthetic_mc", "synthetic_gen"):
+    for name in ("synthetic_ppl", "synthetic_mc", "synthetic_gen", "copy_gen"):
         task = ConfigurableTask(config=load_yaml(TASKS / name / f"{name}.yaml"))
         docs = list(task.test_docs())
         assert len(docs) in (100, 200, 400)

@@ -64,3 +64,45 @@ def test_resampling_keeps_block_mask_rates_in_range(data):
     draw = resampled_noise(rows[:16], cfg, torch.Generator().manual_seed(0), 0.3, 0.8)
     frac = (draw.x_t == cfg.mask_id).float()[:, 8:].reshape(16, -1, 8).mean(-1)
     assert frac.min() >= 0.3 and frac.max() <= 0.8
+
+
+def test_copy_source_rows_hold_whole_documents():
+    """`--source copy`: each 128-token row is two documents, each from its leading EOS, over the grammar's
+    tokenizer; the rows decode to documents the copy source gives probability."""
+    from bd3_plugin.tinyworld.copying import CopySource
+    from bd3_plugin.train import training_data
+
+    rows, tok = training_data("synthetic", None, 128, 50, "copy")
+    assert rows.shape == (25, 128) and len(tok) == len(build_tokenizer())
+    source = CopySource()
+    for row in rows[:5]:
+        for unit in row.view(2, 64):  # (documents, leading EOS + document)
+            words = tok.convert_ids_to_tokens(unit.tolist())
+            assert words[0] == tok.eos_token and source.log_prob(words[1:]) > -float("inf")
+
+
+def test_bad_source_is_refused(tmp_path):
+    from bd3_plugin.train import training_data
+
+    with pytest.raises(ValueError, match="--source must be one of grammar, copy"):
+        training_data("synthetic", None, 128, 10, "sorting")
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="applies to --data synthetic only"):
+        training_data(str(text), tmp_path, 128, 10, "copy")
+
+
+def test_init_from_starts_at_another_runs_weights(tmp_path, data):
+    """A run at L' = 8 warm-started from an L' = 4 checkpoint begins at exactly its weights (the noise
+    schedule buffers stay this run's own); another architecture is refused."""
+    first = make(tmp_path / "a", data, steps=5)
+    first.run(progress=False)
+    warm = make(tmp_path / "b", data, steps=5, block_size=8, init_from=str(tmp_path / "a"), eps_min=0.3)
+    saved = load_checkpoint(tmp_path / "a").model.state_dict()
+    for name, tensor in warm.model.state_dict().items():
+        if "sampling_eps" not in name:
+            assert torch.equal(tensor, saved[name]), name
+    assert warm.model.config.block_size == 8 and float(warm.model.sampling_eps_min) == pytest.approx(0.3)
+    assert all(torch.equal(a, b) for a, b in zip(warm.ema.state_dict().values(), warm.model.state_dict().values()))
+    with pytest.raises(ValueError, match="another architecture"):
+        make(tmp_path / "c", data, steps=5, hidden_dim=32, init_from=str(tmp_path / "a"))

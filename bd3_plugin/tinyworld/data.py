@@ -104,3 +104,66 @@ def generation_prompts(n_items: int = 100, prompt_words: int = 3) -> list[dict]:
         if len(out) == n_items:
             break
     return out
+
+
+# ---- the copy task ------------------------------------------------------------------------------------
+COPY_HELDOUT = PACKAGE_DIR / "data" / "copy_heldout.jsonl"
+COPY_HELDOUT_SEED = 17
+COPY_BLOCK_SIZES = (4, 16)
+
+
+def copy_checkpoint_path(block_size: int) -> Path:
+    return CHECKPOINTS / f"tiny-bd3-copy-L{block_size}"
+
+
+def bundled_copy_checkpoints() -> list[Path]:
+    return [copy_checkpoint_path(b) for b in COPY_BLOCK_SIZES if (copy_checkpoint_path(b) / "config.json").is_file()]
+
+
+def copy_stream_ids(docs: list[list[str]], tokenizer) -> list[int]:
+    """[EOS] doc₁ [EOS] doc₂ …, each document with its own leading EOS: a document then fills a whole
+    unit of doc_tokens + 1 positions, so rows of a multiple of that length hold documents exactly where
+    generation puts them (the prompt from position 0, the answer ending on a block boundary)."""
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    ids: list[int] = []
+    for words in docs:
+        ids += [eos] + tokenizer.convert_tokens_to_ids(words)
+    return ids
+
+
+def training_stream(source: str, n_docs: int, tokenizer) -> list[int]:
+    """The token stream that `bd3 train --data synthetic --source SOURCE` wraps into rows."""
+    from .copying import copy_corpus
+
+    if source == "grammar":
+        return stream_ids(training_docs(n_docs), tokenizer)
+    if source == "copy":
+        return copy_stream_ids(copy_corpus(n_docs, TRAIN_SEED), tokenizer)
+    raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+
+
+SOURCES = ("grammar", "copy")
+
+
+@dataclass(frozen=True)
+class CopyItem:
+    prompt: str  # the list and the separator
+    answer: str  # the copy, without EOS
+    logprob: float  # exact log p(prompt + answer + EOS)
+
+
+def write_copy_heldout(path: Path, n_items: int, seed: int = COPY_HELDOUT_SEED) -> None:
+    from .copying import CopySource, copy_corpus
+
+    source = CopySource()
+    lines = []
+    for doc in copy_corpus(n_items, seed, source):
+        prompt, answer = source.split(doc)
+        lines.append(json.dumps({"prompt": " ".join(prompt), "answer": doc_text(answer),
+                                 "logprob": source.log_prob(doc)}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_copy_heldout(path: Path = COPY_HELDOUT) -> list[CopyItem]:
+    return [CopyItem(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]

@@ -1,5 +1,6 @@
 """The tiny world's report: held-out NELBO per block size next to the source's exact entropy, and the
-fraction of sampled documents that are valid sentences of the synthetic language."""
+fraction of sampled documents that are valid sentences of the synthetic language; for the copy task,
+the bound next to the exact NLL, and exact correctness and tokens per denoising pass per sampler."""
 from __future__ import annotations
 
 import math
@@ -10,8 +11,11 @@ from ..checkpoint import load_checkpoint
 from ..generate import ALGORITHMS, SamplerConfig, generate
 from ..noise import seeded_generators
 from ..scoring import report, score_documents
+from .copy_eval import CopyScore, solve
+from .copying import CopySource
 from .grammar import EOS, Source
-from .data import HELDOUT, bundled_checkpoints, read_heldout, true_nll_per_token
+from .data import (COPY_HELDOUT, HELDOUT, bundled_checkpoints, bundled_copy_checkpoints, read_copy_heldout,
+                   read_heldout, true_nll_per_token)
 
 
 @dataclass(frozen=True)
@@ -73,3 +77,61 @@ def markdown(rows: list[WorldRow], mc_samples: int, n_samples: int, n_docs: int)
 
 def as_dicts(rows: list[WorldRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+# ---- the copy task ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CopyRow:
+    checkpoint: str
+    block_size: int
+    nll_bound: float  # NELBO per token of the held-out documents (prompt, answer and EOS)
+    mc_stderr: float | None
+    true_nll: float  # the source's exact NLL per token of the same documents
+    scores: dict[str, CopyScore]  # sampler -> exact correctness and tokens per pass at temperature 0
+
+
+def copy_rows(paths: list[Path] | None = None, *, threshold: float = 0.9, mc_samples: int = 4, seed: int = 0,
+              n_items: int | None = None) -> list[CopyRow]:
+    items = read_copy_heldout(COPY_HELDOUT)[:n_items]
+    truth = -sum(i.logprob for i in items) / (len(items) * CopySource().config.doc_tokens)
+    rows = []
+    for path in paths or bundled_copy_checkpoints():
+        ckpt = load_checkpoint(path)
+        docs = [ckpt.encode(f"{i.prompt} {i.answer}") + [ckpt.eos_id] for i in items]
+        rep = report(score_documents(ckpt.model, docs, bos_id=ckpt.tokenizer.bos_token_id, mc_samples=mc_samples,
+                                     seed=seed, batch_size=32), sum(len(d) for d in docs))
+        scores = {a: solve(ckpt, items, SamplerConfig(algorithm=a, temperature=0.0, threshold=threshold), seed)
+                  for a in ALGORITHMS}
+        rows.append(CopyRow(Path(path).name, ckpt.config.block_size, rep.nll_per_token, rep.mc_stderr, truth,
+                            scores))
+    return rows
+
+
+def heldout_answer_entropy(n_items: int | None = None) -> float:
+    """The source's exact answer entropy (nats per answer token), averaged over the held-out prompts."""
+    source, items = CopySource(), read_copy_heldout(COPY_HELDOUT)[:n_items]
+    return sum(source.answer_entropy(i.prompt.split()) for i in items) / len(items)
+
+
+def copy_markdown(rows: list[CopyRow], threshold: float, mc_samples: int, answer_entropy: float) -> str:
+    source = CopySource()
+    items = rows[0].scores[ALGORITHMS[0]].items if rows else 0
+    lines = [f"Copy task: {items} held-out items; exact answer entropy {answer_entropy:.3f} "
+             f"nats/answer token, document entropy {source.doc_entropy_per_token():.3f} nats/token; bound = NELBO "
+             f"({mc_samples} Monte Carlo samples); answers at temperature 0 (threshold {threshold}), correct = "
+             "equal to the copy; tokens/pass = answer tokens per denoising pass of a request.", "",
+             "| checkpoint | L' | NLL bound (nats/token) | true NLL | "
+             + " | ".join(f"correct ({a})" for a in ALGORITHMS) + " | "
+             + " | ".join(f"tokens/pass ({a})" for a in ALGORITHMS) + " |",
+             "|---|---:|---:|---:|" + "---:|" * 2 * len(ALGORITHMS)]
+    for r in rows:
+        err = f" ± {r.mc_stderr:.3f}" if r.mc_stderr is not None else ""
+        lines.append(f"| {r.checkpoint} | {r.block_size} | {r.nll_bound:.3f}{err} | {r.true_nll:.3f} | "
+                     + " | ".join(f"{r.scores[a].correct:.1%}" for a in ALGORITHMS) + " | "
+                     + " | ".join(f"{r.scores[a].tokens_per_pass:.2f}" for a in ALGORITHMS) + " |")
+    return "\n".join(lines)
+
+
+def copy_dicts(rows: list[CopyRow]) -> list[dict]:
+    return [asdict(r) | {"scores": {a: asdict(s) | {"tokens_per_pass": s.tokens_per_pass}
+                                    for a, s in r.scores.items()}} for r in rows]
