@@ -1,0 +1,122 @@
+"""Weight updates in a running vLLM engine against a fresh engine on the new checkpoint.
+
+The engines run in subprocesses (one engine per process, tests/vllm_weights_worker.py).
+The second checkpoint is tiny-bd3-L4 with every tensor perturbed by seeded noise, saved by the core.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from safetensors.torch import load_file, save_file
+
+from bd3_plugin.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_config, save_checkpoint
+from bd3_plugin.tinyworld.data import checkpoint_path
+from vllm_backend.weights import check_source, parse_update_request
+
+WORKER = Path(__file__).with_name("vllm_weights_worker.py")
+PROMPTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos>"]
+BD3 = str(Path(sys.executable).with_name("bd3"))
+EXTRA = "backbone.extra.weight"
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """tiny-bd3-L4, a perturbed copy (same shapes, other weights), and bad sources made from the copy."""
+    root = tmp_path_factory.mktemp("weights")
+    ck = load_checkpoint(checkpoint_path(4))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ck.model.parameters():
+            p.add_(0.3 * p.std().nan_to_num(0.0) * torch.randn(p.shape, generator=gen))
+    new = save_checkpoint(ck.model, root / "new", tokenizer=ck.tokenizer)
+    state = load_file(str(new / WEIGHTS))
+    drop, shrink = sorted(state)[:2]
+    bad = {k: v for k, v in state.items() if k != drop} | {shrink: state[shrink][:1].clone(), EXTRA: torch.zeros(2)}
+    save_file(bad, str(root / "bad.safetensors"))
+    return {"old": checkpoint_path(4), "new": new, "bad": root / "bad.safetensors", "drop": drop,
+            "shrink": shrink, "shrink_shape": tuple(state[shrink].shape),
+            "prompts": [ck.encode(t) for t in PROMPTS]}
+
+
+def run_engine(mode, spec):
+    r = subprocess.run([sys.executable, str(WORKER), mode, json.dumps(spec)], capture_output=True, text=True,
+                       timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert r.returncode == 0 and lines, r.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.fixture(scope="module")
+def runs(ckpts):
+    fresh = run_engine("fresh", {"checkpoint": str(ckpts["new"]), "prompts": ckpts["prompts"]})
+    updated = run_engine("update", {
+        "checkpoint": str(ckpts["old"]), "prompts": ckpts["prompts"], "new": str(ckpts["new"]),
+        "new_file": str(ckpts["new"] / WEIGHTS), "old_file": str(ckpts["old"] / WEIGHTS), "drop": ckpts["drop"],
+        "bad": {"file": str(ckpts["bad"]), "config": str(checkpoint_path(16)), "nowhere": str(ckpts["new"] / "x")}})
+    return fresh, updated
+
+
+def _names_every_bad_tensor(message, ckpts):
+    assert "\n" not in message and message.count("checkpoint does not match the model") == 1, message
+    assert f"missing tensors: {ckpts['drop']}" in message, message
+    assert f"unexpected tensors: {EXTRA}" in message, message
+    shape = ckpts["shrink_shape"]
+    assert f"mis-shaped tensors: {ckpts['shrink']} {(1, *shape[1:])} != expected {shape}" in message, message
+
+
+def test_check_source_before_any_engine(ckpts):
+    running = read_config(checkpoint_path(4))
+    check_source(ckpts["new"], running)
+    check_source(load_file(str(ckpts["new"] / WEIGHTS)), running)
+    with pytest.raises(CheckpointError) as err:
+        check_source(ckpts["bad"], running)
+    _names_every_bad_tensor(str(err.value), ckpts)
+    with pytest.raises(CheckpointError, match="block_size 16 != 4"):
+        check_source(checkpoint_path(16), running)  # same shapes, another block size
+    with pytest.raises(CheckpointError, match="not tensors: backbone.x"):
+        check_source({"backbone.x": [1.0]}, running)
+
+
+def test_update_request_body_is_strict():
+    assert parse_update_request(b'{"path": "/c", "version": "v1"}') == ("/c", "v1")
+    for body, needle in [(b"[]", "JSON object"), (b"{", "JSON object"), (b'{"path": "/c"}', "version must be"),
+                         (b'{"version": "v"}', "path must be"), (b'{"path": "/c", "version": "v", "pause": 1}',
+                                                                 "unknown field")]:
+        with pytest.raises(ValueError, match=needle):
+            parse_update_request(body)
+
+
+@pytest.mark.slow
+def test_update_equals_a_fresh_engine_on_the_new_checkpoint(runs):
+    fresh, updated = runs
+    assert updated["folder"] != updated["before"]  # the perturbation changes the tokens
+    assert updated["folder"] == fresh  # from a checkpoint folder: greedy and seeded, every prompt
+    assert updated["state"] == fresh  # from an in-memory state dict
+    assert updated["old_state"] == updated["before"]  # and back to the starting weights
+
+
+@pytest.mark.slow
+def test_bad_update_names_every_tensor_and_keeps_the_old_weights(runs, ckpts):
+    _, updated = runs
+    errors = updated["errors"]
+    assert errors["file"].startswith("CheckpointError: ")
+    _names_every_bad_tensor(errors["file"], ckpts)
+    assert errors["state"] == f"CheckpointError: checkpoint does not match the model: missing tensors: {ckpts['drop']}"
+    assert "block_size 16 != 4" in errors["config"]
+    assert "neither a checkpoint folder nor a .safetensors file" in errors["nowhere"]
+    assert errors["version"] == "ValueError: version must be a non-empty string, got ''"
+    assert updated["after_bad"] == updated["before"]
+
+
+@pytest.mark.slow
+def test_version_labels(runs):
+    _, updated = runs
+    assert updated["versions"] == ["default", "default", "folder", "old_state", "state"]

@@ -1,0 +1,277 @@
+"""New weights in a running BD3 engine, without a restart, with the same strict checks as loading.
+
+A source is a checkpoint folder (its config.json must describe the engine's model; its model.safetensors
+is loaded), a `.safetensors` file, or an in-memory state dict `{name: tensor}` in the checkpoint's
+`backbone.*` names (what a trainer holds after an optimiser step). Every name and shape is checked before
+anything is copied, first where the call is made (from the safetensors header, without reading the
+tensors) and again in the worker by `BD3ForVLLM.load_weights`: a bad source raises one error naming every
+missing, unexpected and mis-shaped tensor, and the engine keeps the weights it had.
+
+- Offline (`vllm.LLM`): `update_weights(llm, source, version)` and `weight_version(llm)`. The label is
+  vLLM's own engine weight version (`LLM.get_weight_version()`, stamped on each finished output as
+  `CompletionOutput.weight_versions`).
+- Workers: `BD3WeightSync`, a vLLM worker extension (`worker_extension_cls=EXTENSION`), gives every worker
+  `bd3_update_weights(source)`. An in-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) needs no
+  extension: the same function goes to `collective_rpc` as a callable.
+- Server: `weight_routes`, an HTTP middleware (`--middleware vllm_backend.weights.weight_routes`, with the
+  worker extension), serves `POST /bd3/update_weights {"path", "version"}` and `GET /bd3/weight_info`;
+  `update_server_weights` and `server_weight_version` are their client.
+
+vLLM's `reload_weights` is not used: it moves every layer to the meta device before it calls the model's
+loader, so a source that fails the strict check would leave the engine with no weights at all.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bd3_plugin.checkpoint import CONFIG, WEIGHTS, CheckpointError, check_state_dict, read_config
+from bd3_plugin.config import BD3Config
+from bd3_plugin.model import BD3LM
+
+EXTENSION = "vllm_backend.weights.BD3WeightSync"
+UPDATE_ROUTE, INFO_ROUTE = "/bd3/update_weights", "/bd3/weight_info"
+# The fields that fix the model's shapes and its decoding; dropout and the clip bounds may change in training
+# (the learned bounds travel as tensors).
+_ARCHITECTURE = ("model_type", "vocab_size", "model_length", "block_size", "hidden_dim", "n_heads", "n_blocks",
+                 "cond_dim", "mask_id", "var_min")
+
+Source = str | Path | Mapping[str, torch.Tensor]
+
+
+class WeightUpdateError(RuntimeError):
+    """An engine or server that cannot take a weight update (not a BD3 engine, no worker extension)."""
+
+
+# ---- checks (pure: a source against a config) ----------------------------------------------------------
+def weights_file(path: str | Path) -> Path:
+    """The safetensors file of a checkpoint folder, or the given `.safetensors` file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / WEIGHTS).is_file():
+            raise CheckpointError(f"no {WEIGHTS} in {path}")
+        return path / WEIGHTS
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    raise CheckpointError(f"{path} is neither a checkpoint folder nor a .safetensors file")
+
+
+def check_config(new: BD3Config, running: BD3Config, where: str) -> None:
+    """A checkpoint's config must describe the running model; the error names every differing field."""
+    diffs = [f"{k} {getattr(new, k)!r} != {getattr(running, k)!r}" for k in _ARCHITECTURE
+             if getattr(new, k) != getattr(running, k)]
+    if diffs:
+        raise CheckpointError(f"{where} does not describe the running model: {'; '.join(diffs)}")
+
+
+def _tensors(state: Mapping) -> dict[str, torch.Tensor]:
+    bad = sorted(str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError(f"a state dict maps names to tensors; not tensors: {', '.join(bad)}")
+    return dict(state)
+
+
+def _header(file: Path) -> dict[str, torch.Tensor]:
+    """Names and shapes from a safetensors header, as meta tensors (nothing is read from the data)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"cannot read {file}: {err}") from None
+
+
+def check_source(source: Source, running: BD3Config) -> None:
+    """Everything about a source that can be known without loading it into the engine."""
+    if isinstance(source, Mapping):
+        found = _tensors(source)
+    else:
+        file = weights_file(source)
+        if file.parent == Path(source).expanduser() and (file.parent / CONFIG).is_file():
+            check_config(read_config(file.parent), running, str(file.parent / CONFIG))
+        found = _header(file)
+    with torch.device("meta"):
+        expected = BD3LM(running).state_dict()  # the checkpoint's names and shapes, allocating nothing
+    check_state_dict(expected, found)
+
+
+def read_source(source: Source) -> dict[str, torch.Tensor]:
+    if isinstance(source, Mapping):
+        return _tensors(source)
+    from safetensors.torch import load_file
+
+    file = weights_file(source)
+    try:
+        return load_file(str(file))
+    except Exception as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from None
+
+
+def bd3_config(vllm_config) -> BD3Config:
+    to_bd3 = getattr(vllm_config.model_config.hf_config, "to_bd3", None)
+    if to_bd3 is None:
+        raise WeightUpdateError(f"{vllm_config.model_config.model} is not a BD3 model")
+    return to_bd3()
+
+
+# ---- worker side -------------------------------------------------------------------------------------
+def apply_weights(worker, source: Source) -> int:
+    """Run in each worker: check, then copy the source into the model in place. Returns the tensor count."""
+    check_source(source, bd3_config(worker.vllm_config))
+    state = read_source(source)
+    with torch.no_grad():
+        worker.model_runner.get_model().load_weights(state.items())  # checks again, then copies
+    return len(state)
+
+
+class BD3WeightSync:
+    """vLLM worker extension: `worker_extension_cls="vllm_backend.weights.BD3WeightSync"`."""
+
+    def bd3_update_weights(self, source: Source) -> int:
+        return apply_weights(self, source)
+
+
+# ---- offline engine ----------------------------------------------------------------------------------
+def _check_version(version: Any) -> str:
+    if not isinstance(version, str) or not version:
+        raise ValueError(f"version must be a non-empty string, got {version!r}")
+    return version
+
+
+def _has_extension(vllm_config) -> bool:
+    name = vllm_config.parallel_config.worker_extension_cls
+    if not name:
+        return False
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    cls = resolve_obj_by_qualname(name)
+    return isinstance(cls, type) and issubclass(cls, BD3WeightSync)
+
+
+def _rpc_method(llm):
+    if _has_extension(llm.llm_engine.vllm_config):
+        return "bd3_update_weights"
+    from vllm.v1.engine.core_client import InprocClient
+
+    if isinstance(llm.llm_engine.engine_core, InprocClient):
+        return apply_weights  # same process: the function itself runs on the worker
+    raise WeightUpdateError(f"this engine runs its workers in other processes: start it with "
+                            f"worker_extension_cls={EXTENSION!r} (or VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+
+
+def update_weights(llm, source: Source, version: str) -> None:
+    """Load `source` into every worker of a `vllm.LLM`, then label the engine's weights `version`.
+    On any error the engine keeps its weights and its label."""
+    version = _check_version(version)
+    check_source(source, bd3_config(llm.llm_engine.vllm_config))
+    if not isinstance(source, Mapping):
+        source = str(Path(source).expanduser().resolve())
+    llm.collective_rpc(_rpc_method(llm), args=(source,))
+    llm.update_weight_version(version)
+
+
+def weight_version(llm) -> str:
+    """The label of the weights a `vllm.LLM` serves ("default" before any update)."""
+    return llm.get_weight_version()
+
+
+# ---- server ------------------------------------------------------------------------------------------
+_UPDATE_LOCK: asyncio.Lock | None = None  # one update at a time; made on the server's event loop
+
+
+def _error(message: str, status: int = 400):
+    from fastapi.responses import JSONResponse
+
+    kind = "BadRequestError" if status == 400 else "InternalServerError"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status)
+
+
+def parse_update_request(body: bytes) -> tuple[str, str]:
+    """`{"path": str, "version": str}` and nothing else."""
+    try:
+        raw = json.loads(body or b"null")
+    except ValueError:
+        raise ValueError("the body must be a JSON object {\"path\": ..., \"version\": ...}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("the body must be a JSON object {\"path\": ..., \"version\": ...}")
+    unknown = sorted(set(raw) - {"path", "version"})
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
+    path = raw.get("path")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path must be a non-empty string, got {path!r}")
+    return path, _check_version(raw.get("version"))
+
+
+def _rpc_message(err: Exception) -> str:
+    """vLLM wraps a worker's exception as 'Call to collective_rpc method failed: <message>'."""
+    return str(err).split(" method failed: ", 1)[-1].splitlines()[0] if str(err) else type(err).__name__
+
+
+async def weight_routes(request, call_next):
+    """HTTP middleware for `vllm serve --middleware vllm_backend.weights.weight_routes`."""
+    route = (request.method, request.url.path)
+    if route == ("GET", INFO_ROUTE):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"weight_version": await request.app.state.engine_client.get_weight_version()})
+    if route != ("POST", UPDATE_ROUTE):
+        return await call_next(request)
+    vllm_config = request.app.state.vllm_config
+    try:
+        path, version = parse_update_request(await request.body())
+        if not _has_extension(vllm_config):
+            raise WeightUpdateError(f"the server was started without --worker-extension-cls {EXTENSION}")
+        check_source(path, bd3_config(vllm_config))
+    except (ValueError, WeightUpdateError) as err:  # CheckpointError is a ValueError
+        return _error(str(err))
+    return await _update(request.app.state.engine_client, str(Path(path).expanduser().resolve()), version)
+
+
+async def _update(engine, path: str, version: str):
+    from fastapi.responses import JSONResponse
+
+    global _UPDATE_LOCK
+    _UPDATE_LOCK = _UPDATE_LOCK or asyncio.Lock()
+    async with _UPDATE_LOCK:
+        # Requests in flight finish on the weights they started with; new ones wait for the update.
+        await engine.pause_generation(mode="wait")
+        try:
+            counts = await engine.collective_rpc("bd3_update_weights", args=(path,))
+            await engine.update_weight_version(version)
+        except Exception as err:  # the worker's strict check (a file changed since the front end read it)
+            return _error(_rpc_message(err))
+        finally:
+            await engine.resume_generation()
+    return JSONResponse({"weight_version": version, "tensors": counts[0]})
+
+
+def update_server_weights(base_url: str, path: str | Path, version: str, timeout: float = 600.0) -> dict:
+    """Client of `POST /bd3/update_weights`; `path` is read by the server, on its own filesystem."""
+    import requests
+
+    r = requests.post(base_url.rstrip("/") + UPDATE_ROUTE, json={"path": str(path), "version": version},
+                      timeout=timeout)
+    if r.status_code != 200:
+        raise WeightUpdateError(f"{r.status_code}: {r.json().get('error', {}).get('message', r.text)}")
+    return r.json()
+
+
+def server_weight_version(base_url: str, timeout: float = 30.0) -> str:
+    import requests
+
+    r = requests.get(base_url.rstrip("/") + INFO_ROUTE, timeout=timeout)
+    r.raise_for_status()
+    return r.json()["weight_version"]
+
+
+__all__ = ["EXTENSION", "BD3WeightSync", "WeightUpdateError", "apply_weights", "check_config", "check_source",
+           "server_weight_version", "update_server_weights", "update_weights", "weight_routes", "weight_version",
+           "weights_file"]
