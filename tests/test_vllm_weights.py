@@ -120,3 +120,78 @@ def test_bad_update_names_every_tensor_and_keeps_the_old_weights(runs, ckpts):
 def test_version_labels(runs):
     _, updated = runs
     assert updated["versions"] == ["default", "default", "folder", "old_state", "state"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`bd3 serve tiny-bd3-L4` with the weight routes and the worker extension; every wait is bounded."""
+    port, log_path = free_port(), tmp_path_factory.mktemp("serve") / "server.log"
+    argv = [BD3, "serve", str(checkpoint_path(4)), "--", "--port", str(port), "--middleware",
+            "vllm_backend.weights.weight_routes", "--worker-extension-cls", "vllm_backend.weights.BD3WeightSync"]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
+    base, deadline = f"http://127.0.0.1:{port}", time.time() + 300
+    try:
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "server did not become healthy"
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        yield base
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (with its engine)
+            proc.wait(timeout=60)
+
+
+def served_tokens(base, prompts):
+    """The worker's cases over HTTP, token ids as lists: [case][prompt]."""
+    from vllm_weights_worker import CASES, MAX_TOKENS
+
+    out = []
+    for case in CASES:
+        row = []
+        for prompt in prompts:
+            body = {"model": str(checkpoint_path(4)), "prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True,
+                    "return_token_ids": True, **case}
+            r = requests.post(f"{base}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            row.append(r.json()["choices"][0]["token_ids"])
+        out.append(row)
+    return out
+
+
+@pytest.mark.slow
+def test_server_update_route(server, runs, ckpts):
+    from vllm_backend.weights import WeightUpdateError, server_weight_version, update_server_weights
+
+    fresh, updated = runs
+    prompts = ckpts["prompts"]
+    assert server_weight_version(server) == "default"
+    assert served_tokens(server, prompts) == updated["before"]  # the offline engine's tokens on tiny-bd3-L4
+
+    with pytest.raises(WeightUpdateError) as err:
+        update_server_weights(server, ckpts["bad"], "bad")
+    assert str(err.value).startswith("400: ")
+    _names_every_bad_tensor(str(err.value), ckpts)
+    r = requests.post(f"{server}/bd3/update_weights", json={"path": str(ckpts["new"]), "version": "v", "x": 1},
+                      timeout=30)
+    assert r.status_code == 400 and "unknown field(s): x" in r.json()["error"]["message"]
+    assert server_weight_version(server) == "default"
+    assert served_tokens(server, prompts) == updated["before"]  # the failed updates changed nothing
+
+    assert update_server_weights(server, ckpts["new"], "step-1") == {"weight_version": "step-1",
+                                                                    "tensors": len(load_file(str(ckpts["new"] / WEIGHTS)))}
+    assert server_weight_version(server) == "step-1"
+    assert served_tokens(server, prompts) == fresh  # a fresh engine's tokens on the new checkpoint

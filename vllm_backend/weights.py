@@ -260,7 +260,11 @@ def update_server_weights(base_url: str, path: str | Path, version: str, timeout
     r = requests.post(base_url.rstrip("/") + UPDATE_ROUTE, json={"path": str(path), "version": version},
                       timeout=timeout)
     if r.status_code != 200:
-        raise WeightUpdateError(f"{r.status_code}: {r.json().get('error', {}).get('message', r.text)}")
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text
+        raise WeightUpdateError(f"{r.status_code}: {message}")
     return r.json()
 
 
