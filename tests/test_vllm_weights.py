@@ -56,12 +56,22 @@ def run_engine(mode, spec):
 
 @pytest.fixture(scope="module")
 def runs(ckpts):
-    fresh = run_engine("fresh", {"checkpoint": str(ckpts["new"]), "prompts": ckpts["prompts"]})
-    updated = run_engine("update", {
-        "checkpoint": str(ckpts["old"]), "prompts": ckpts["prompts"], "new": str(ckpts["new"]),
-        "new_file": str(ckpts["new"] / WEIGHTS), "old_file": str(ckpts["old"] / WEIGHTS), "drop": ckpts["drop"],
-        "bad": {"file": str(ckpts["bad"]), "config": str(checkpoint_path(16)), "nowhere": str(ckpts["new"] / "x")}})
+    paths = {"old": str(ckpts["old"]), "new": str(ckpts["new"]), "new_file": str(ckpts["new"] / WEIGHTS),
+             "old_file": str(ckpts["old"] / WEIGHTS), "bad_file": str(ckpts["bad"]), "config": str(checkpoint_path(16)),
+             "nowhere": str(ckpts["new"] / "x")}
+    spec = {"checkpoint": str(ckpts["old"]), "prompts": ckpts["prompts"], "paths": paths, "drop": ckpts["drop"]}
+    fresh = run_engine("fresh", spec | {"checkpoint": str(ckpts["new"])})
+    updated = run_engine("update", spec | {"bad": ["bad_file", "new_file_broken", "config", "nowhere"],
+                                           "good": ["new", "old_file_state", "new_file_state"]})
     return fresh, updated
+
+
+@pytest.fixture(scope="module")
+def runs_mp(ckpts, runs):
+    """The same through an engine in its own processes (worker extension; state dicts sent as one buffer)."""
+    paths = {"new": str(ckpts["new"]), "new_file": str(ckpts["new"] / WEIGHTS), "old_file": str(ckpts["old"] / WEIGHTS)}
+    spec = {"checkpoint": str(ckpts["old"]), "prompts": ckpts["prompts"], "paths": paths, "drop": ckpts["drop"]}
+    return run_engine("update-mp", spec | {"bad": ["new_file_broken"], "good": ["new_file_state", "old_file_state"]})
 
 
 def _names_every_bad_tensor(message, ckpts):
@@ -97,19 +107,20 @@ def test_update_request_body_is_strict():
 @pytest.mark.slow
 def test_update_equals_a_fresh_engine_on_the_new_checkpoint(runs):
     fresh, updated = runs
-    assert updated["folder"] != updated["before"]  # the perturbation changes the tokens
-    assert updated["folder"] == fresh  # from a checkpoint folder: greedy and seeded, every prompt
-    assert updated["state"] == fresh  # from an in-memory state dict
-    assert updated["old_state"] == updated["before"]  # and back to the starting weights
+    assert updated["new"] != updated["before"]  # the perturbation changes the tokens
+    assert updated["new"] == fresh  # from a checkpoint folder: greedy and seeded, every prompt
+    assert updated["new_file_state"] == fresh  # from an in-memory state dict
+    assert updated["old_file_state"] == updated["before"]  # and back to the starting weights
 
 
 @pytest.mark.slow
 def test_bad_update_names_every_tensor_and_keeps_the_old_weights(runs, ckpts):
     _, updated = runs
     errors = updated["errors"]
-    assert errors["file"].startswith("CheckpointError: ")
-    _names_every_bad_tensor(errors["file"], ckpts)
-    assert errors["state"] == f"CheckpointError: checkpoint does not match the model: missing tensors: {ckpts['drop']}"
+    assert errors["bad_file"].startswith("CheckpointError: ")
+    _names_every_bad_tensor(errors["bad_file"], ckpts)
+    missing = f"CheckpointError: checkpoint does not match the model: missing tensors: {ckpts['drop']}"
+    assert errors["new_file_broken"] == missing
     assert "block_size 16 != 4" in errors["config"]
     assert "neither a checkpoint folder nor a .safetensors file" in errors["nowhere"]
     assert errors["version"] == "ValueError: version must be a non-empty string, got ''"
@@ -119,7 +130,17 @@ def test_bad_update_names_every_tensor_and_keeps_the_old_weights(runs, ckpts):
 @pytest.mark.slow
 def test_version_labels(runs):
     _, updated = runs
-    assert updated["versions"] == ["default", "default", "folder", "old_state", "state"]
+    assert updated["versions"] == ["default", "default", "new", "old_file_state", "new_file_state"]
+
+
+@pytest.mark.slow
+def test_engine_in_other_processes(runs, runs_mp, ckpts):
+    fresh, updated = runs
+    assert runs_mp["before"] == updated["before"]
+    missing = f"CheckpointError: checkpoint does not match the model: missing tensors: {ckpts['drop']}"
+    assert runs_mp["errors"]["new_file_broken"] == missing and runs_mp["after_bad"] == updated["before"]
+    assert runs_mp["new_file_state"] == fresh and runs_mp["old_file_state"] == updated["before"]
+    assert runs_mp["versions"] == ["default", "default", "new_file_state", "old_file_state"]
 
 
 def free_port() -> int:

@@ -101,10 +101,17 @@ def check_source(source: Source, running: BD3Config) -> None:
     check_state_dict(expected, found)
 
 
-def read_source(source: Source) -> dict[str, torch.Tensor]:
+def read_source(source: Source | bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a source; `bytes` are a serialized safetensors state dict (see `update_weights`)."""
     if isinstance(source, Mapping):
         return _tensors(source)
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
+
+    if isinstance(source, bytes):
+        try:
+            return load(source)
+        except Exception as err:
+            raise CheckpointError(f"cannot read the serialized state dict: {err}") from None
 
     file = weights_file(source)
     try:
@@ -121,9 +128,10 @@ def bd3_config(vllm_config) -> BD3Config:
 
 
 # ---- worker side -------------------------------------------------------------------------------------
-def apply_weights(worker, source: Source) -> int:
+def apply_weights(worker, source: Source | bytes) -> int:
     """Run in each worker: check, then copy the source into the model in place. Returns the tensor count."""
-    check_source(source, bd3_config(worker.vllm_config))
+    if not isinstance(source, bytes):
+        check_source(source, bd3_config(worker.vllm_config))
     state = read_source(source)
     with torch.no_grad():
         worker.model_runner.get_model().load_weights(state.items())  # checks again, then copies
@@ -133,7 +141,7 @@ def apply_weights(worker, source: Source) -> int:
 class BD3WeightSync:
     """vLLM worker extension: `worker_extension_cls="vllm_backend.weights.BD3WeightSync"`."""
 
-    def bd3_update_weights(self, source: Source) -> int:
+    def bd3_update_weights(self, source: Source | bytes) -> int:
         return apply_weights(self, source)
 
 
@@ -154,13 +162,18 @@ def _has_extension(vllm_config) -> bool:
     return isinstance(cls, type) and issubclass(cls, BD3WeightSync)
 
 
+def _same_process(llm) -> bool:
+    """Whether the engine's worker runs in this process (an in-process engine with one worker)."""
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    return isinstance(getattr(llm.llm_engine, "model_executor", None), UniProcExecutor)
+
+
 def _rpc_method(llm):
     if _has_extension(llm.llm_engine.vllm_config):
         return "bd3_update_weights"
-    from vllm.v1.engine.core_client import InprocClient
-
-    if isinstance(llm.llm_engine.engine_core, InprocClient):
-        return apply_weights  # same process: the function itself runs on the worker
+    if _same_process(llm):
+        return apply_weights  # the function itself runs on the worker
     raise WeightUpdateError(f"this engine runs its workers in other processes: start it with "
                             f"worker_extension_cls={EXTENSION!r} (or VLLM_ENABLE_V1_MULTIPROCESSING=0)")
 
@@ -170,9 +183,16 @@ def update_weights(llm, source: Source, version: str) -> None:
     On any error the engine keeps its weights and its label."""
     version = _check_version(version)
     check_source(source, bd3_config(llm.llm_engine.vllm_config))
+    method = _rpc_method(llm)
     if not isinstance(source, Mapping):
         source = str(Path(source).expanduser().resolve())
-    llm.collective_rpc(_rpc_method(llm), args=(source,))
+    elif not _same_process(llm):
+        # Another process: vLLM pickles the arguments, and tensors it has already sent over its own
+        # message queue no longer pickle, so the state dict travels as one safetensors buffer.
+        from safetensors.torch import save
+
+        source = save({k: v.detach().cpu().contiguous() for k, v in source.items()})
+    llm.collective_rpc(method, args=(source,))
     llm.update_weight_version(version)
 
 
