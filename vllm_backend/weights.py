@@ -23,6 +23,7 @@ loader, so a source that fails the strict check would leave the engine with no w
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,9 +97,14 @@ def check_source(source: Source, running: BD3Config) -> None:
         if file.parent == Path(source).expanduser() and (file.parent / CONFIG).is_file():
             check_config(read_config(file.parent), running, str(file.parent / CONFIG))
         found = _header(file)
+    check_state_dict(_expected(running), found)
+
+
+@functools.lru_cache(maxsize=4)
+def _expected(cfg: BD3Config) -> dict[str, torch.Tensor]:
+    """The checkpoint's names and shapes for a config, as meta tensors (the core model, allocating nothing)."""
     with torch.device("meta"):
-        expected = BD3LM(running).state_dict()  # the checkpoint's names and shapes, allocating nothing
-    check_state_dict(expected, found)
+        return BD3LM(cfg).state_dict()
 
 
 def read_source(source: Source | bytes) -> dict[str, torch.Tensor]:
