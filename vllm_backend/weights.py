@@ -1,21 +1,16 @@
 """New weights in a running BD3 engine, without a restart, with the same strict checks as loading.
 
-A source is a checkpoint folder (its config.json must describe the engine's model; its model.safetensors
-is loaded), a `.safetensors` file, or an in-memory state dict `{name: tensor}` in the checkpoint's
-`backbone.*` names (what a trainer holds after an optimiser step). Every name and shape is checked before
-anything is copied, first where the call is made (from the safetensors header, without reading the
-tensors) and again in the worker by `BD3ForVLLM.load_weights`: a bad source raises one error naming every
-missing, unexpected and mis-shaped tensor, and the engine keeps the weights it had.
+A source is a checkpoint folder (its config.json must describe the running model), a `.safetensors` file,
+or an in-memory state dict `{name: tensor}` in the checkpoint's `backbone.*` names. Names and shapes are
+checked before anything is copied, where the call is made (from the safetensors header) and again in each
+worker by `BD3ForVLLM.load_weights`: a bad source raises one error naming every missing, unexpected and
+mis-shaped tensor, and the engine keeps its weights. The version label is vLLM's engine weight version.
 
-- Offline (`vllm.LLM`): `update_weights(llm, source, version)` and `weight_version(llm)`. The label is
-  vLLM's own engine weight version (`LLM.get_weight_version()`, stamped on each finished output as
-  `CompletionOutput.weight_versions`).
-- Workers: `BD3WeightSync`, a vLLM worker extension (`worker_extension_cls=EXTENSION`), gives every worker
-  `bd3_update_weights(source)`. An in-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) needs no
-  extension: the same function goes to `collective_rpc` as a callable.
-- Server: `weight_routes`, an HTTP middleware (`--middleware vllm_backend.weights.weight_routes`, with the
-  worker extension), serves `POST /bd3/update_weights {"path", "version"}` and `GET /bd3/weight_info`;
-  `update_server_weights` and `server_weight_version` are their client.
+- Offline: `update_weights(llm, source, version)`, `weight_version(llm)`.
+- Workers: the extension `BD3WeightSync` (`worker_extension_cls=EXTENSION`) adds `bd3_update_weights`; an
+  in-process engine needs none (the same function goes to `collective_rpc` as a callable).
+- Server: the middleware `weight_routes` serves `POST /bd3/update_weights {"path", "version"}` and
+  `GET /bd3/weight_info`; `update_server_weights` and `server_weight_version` are their client.
 
 vLLM's `reload_weights` is not used: it moves every layer to the meta device before it calls the model's
 loader, so a source that fails the strict check would leave the engine with no weights at all.
