@@ -59,7 +59,8 @@ def main() -> None:
           f"{'engine in its own processes' if args.multiprocess else 'in-process engine'}, "
           f"{folder.rstrip('/').split('/')[-1]} ({len(state)} tensors, {numel / 1e6:.2f} M parameters)")
     print(f"fresh engine {fresh:7.2f} s   update from folder {from_folder * 1e3:7.1f} ms   "
-          f"from state dict {from_state * 1e3:7.1f} ms   ratio {fresh / from_folder:6.0f}x / {fresh / from_state:6.0f}x")
+          f"from state dict {from_state * 1e3:7.1f} ms   "
+          f"ratio {fresh / from_folder:6.0f}x / {fresh / from_state:6.0f}x")
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def test_server_update_route(server, runs, ckpts):
     assert server_weight_version(server) == "default"
     assert served_tokens(server, prompts) == updated["before"]  # the failed updates changed nothing
 
-    assert update_server_weights(server, ckpts["new"], "step-1") == {"weight_version": "step-1",
-                                                                    "tensors": len(load_file(str(ckpts["new"] / WEIGHTS)))}
+    tensors = len(load_file(str(ckpts["new"] / WEIGHTS)))
+    assert update_server_weights(server, ckpts["new"], "step-1") == {"weight_version": "step-1", "tensors": tensors}
     assert server_weight_version(server) == "step-1"
     assert served_tokens(server, prompts) == fresh  # a fresh engine's tokens on the new checkpoint
