@@ -153,16 +153,6 @@ def _check_version(version: Any) -> str:
     return version
 
 
-def _has_extension(vllm_config) -> bool:
-    name = vllm_config.parallel_config.worker_extension_cls
-    if not name:
-        return False
-    from vllm.utils.import_utils import resolve_obj_by_qualname
-
-    cls = resolve_obj_by_qualname(name)
-    return isinstance(cls, type) and issubclass(cls, BD3WeightSync)
-
-
 def _same_process(llm) -> bool:
     """Whether the engine's worker runs in this process (an in-process engine with one worker)."""
     from vllm.v1.executor.uniproc_executor import UniProcExecutor
@@ -170,13 +160,13 @@ def _same_process(llm) -> bool:
     return isinstance(getattr(llm.llm_engine, "model_executor", None), UniProcExecutor)
 
 
-def _rpc_method(llm):
-    if _has_extension(llm.llm_engine.vllm_config):
-        return "bd3_update_weights"
-    if _same_process(llm):
-        return apply_weights  # the function itself runs on the worker
-    raise WeightUpdateError(f"this engine runs its workers in other processes: start it with "
-                            f"worker_extension_cls={EXTENSION!r} (or VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+def _missing_extension(err: Exception) -> bool:
+    """vLLM's answer when a worker has no `bd3_update_weights` (neither the extension nor a worker with it)."""
+    message = str(err)  # the in-process and the multiprocess executors word it differently
+    return "bd3_update_weights" in message and ("is not implemented" in message or "has no attribute" in message)
+
+
+_NO_EXTENSION = f"the engine's workers have no bd3_update_weights: start it with worker_extension_cls={EXTENSION!r}"
 
 
 def update_weights(llm, source: Source, version: str) -> None:
@@ -184,16 +174,22 @@ def update_weights(llm, source: Source, version: str) -> None:
     On any error the engine keeps its weights and its label."""
     version = _check_version(version)
     check_source(source, bd3_config(llm.llm_engine.vllm_config))
-    method = _rpc_method(llm)
+    same_process = _same_process(llm)
     if not isinstance(source, Mapping):
         source = str(Path(source).expanduser().resolve())
-    elif not _same_process(llm):
+    elif not same_process:
         # Another process: vLLM pickles the arguments, and tensors it has already sent over its own
         # message queue no longer pickle, so the state dict travels as one safetensors buffer.
         from safetensors.torch import save
 
         source = save({k: v.detach().cpu().contiguous() for k, v in source.items()})
-    llm.collective_rpc(method, args=(source,))
+    # In this process the function itself runs on the worker; elsewhere the worker needs the method.
+    try:
+        llm.collective_rpc(apply_weights if same_process else "bd3_update_weights", args=(source,))
+    except Exception as err:
+        if _missing_extension(err):
+            raise WeightUpdateError(_NO_EXTENSION) from None
+        raise
     llm.update_weight_version(version)
 
 
@@ -248,8 +244,6 @@ async def weight_routes(request, call_next):
     vllm_config = request.app.state.vllm_config
     try:
         path, version = parse_update_request(await request.body())
-        if not _has_extension(vllm_config):
-            raise WeightUpdateError(f"the server was started without --worker-extension-cls {EXTENSION}")
         check_source(path, bd3_config(vllm_config))
     except (ValueError, WeightUpdateError) as err:  # CheckpointError is a ValueError
         return _error(str(err))
@@ -268,7 +262,8 @@ async def _update(engine, path: str, version: str):
             counts = await engine.collective_rpc("bd3_update_weights", args=(path,))
             await engine.update_weight_version(version)
         except Exception as err:  # the worker's strict check (a file changed since the front end read it)
-            return _error(_rpc_message(err))
+            return _error(f"the server's workers have no bd3_update_weights: start it with --worker-extension-cls "
+                          f"{EXTENSION}" if _missing_extension(err) else _rpc_message(err))
         finally:
             await engine.resume_generation()
     return JSONResponse({"weight_version": version, "tensors": counts[0]})
