@@ -1,0 +1,297 @@
+"""New weights in a running BD3 engine, without a restart, with the same strict checks as loading.
+
+A source is a checkpoint folder (its config.json must describe the running model), a `.safetensors` file,
+or an in-memory state dict `{name: tensor}` in the checkpoint's `backbone.*` names. Names and shapes are
+checked before anything is copied, where the call is made (from the safetensors header) and again in each
+worker by `BD3ForVLLM.load_weights`: a bad source raises one error naming every missing, unexpected and
+mis-shaped tensor, and the engine keeps its weights. The version label is vLLM's engine weight version.
+
+- Offline: `update_weights(llm, source, version)`, `weight_version(llm)`.
+- Workers: the extension `BD3WeightSync` (`worker_extension_cls=EXTENSION`) adds `bd3_update_weights`; an
+  in-process engine needs none (the same function goes to `collective_rpc` as a callable).
+- Server: the middleware `weight_routes` serves `POST /bd3/update_weights {"path", "version"}` and
+  `GET /bd3/weight_info`; `update_server_weights` and `server_weight_version` are their client.
+
+vLLM's `reload_weights` is not used: it moves every layer to the meta device before it calls the model's
+loader, so a source that fails the strict check would leave the engine with no weights at all.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bd3_plugin.checkpoint import CONFIG, WEIGHTS, CheckpointError, check_state_dict, read_config
+from bd3_plugin.config import BD3Config
+from bd3_plugin.model import BD3LM
+
+EXTENSION = "vllm_backend.weights.BD3WeightSync"
+UPDATE_ROUTE, INFO_ROUTE = "/bd3/update_weights", "/bd3/weight_info"
+# The fields that fix the model's shapes and its decoding; dropout and the clip bounds may change in training
+# (the learned bounds travel as tensors).
+_ARCHITECTURE = ("model_type", "vocab_size", "model_length", "block_size", "hidden_dim", "n_heads", "n_blocks",
+                 "cond_dim", "mask_id", "var_min")
+
+Source = str | Path | Mapping[str, torch.Tensor]
+
+
+class WeightUpdateError(RuntimeError):
+    """An engine or server that cannot take a weight update (not a BD3 engine, no worker extension)."""
+
+
+# ---- checks (pure: a source against a config) ----------------------------------------------------------
+def weights_file(path: str | Path) -> Path:
+    """The safetensors file of a checkpoint folder, or the given `.safetensors` file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / WEIGHTS).is_file():
+            raise CheckpointError(f"no {WEIGHTS} in {path}")
+        return path / WEIGHTS
+    if path.is_file() and path.suffix == ".safetensors":
+        return path
+    raise CheckpointError(f"{path} is neither a checkpoint folder nor a .safetensors file")
+
+
+def check_config(new: BD3Config, running: BD3Config, where: str) -> None:
+    """A checkpoint's config must describe the running model; the error names every differing field."""
+    diffs = [f"{k} {getattr(new, k)!r} != {getattr(running, k)!r}" for k in _ARCHITECTURE
+             if getattr(new, k) != getattr(running, k)]
+    if diffs:
+        raise CheckpointError(f"{where} does not describe the running model: {'; '.join(diffs)}")
+
+
+def _tensors(state: Mapping) -> dict[str, torch.Tensor]:
+    bad = sorted(str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError(f"a state dict maps names to tensors; not tensors: {', '.join(bad)}")
+    return dict(state)
+
+
+def _header(file: Path) -> dict[str, torch.Tensor]:
+    """Names and shapes from a safetensors header, as meta tensors (nothing is read from the data)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"cannot read {file}: {err}") from None
+
+
+def check_source(source: Source, running: BD3Config) -> None:
+    """Everything about a source that can be known without loading it into the engine."""
+    if isinstance(source, Mapping):
+        found = _tensors(source)
+    else:
+        file = weights_file(source)
+        if file.parent == Path(source).expanduser() and (file.parent / CONFIG).is_file():
+            check_config(read_config(file.parent), running, str(file.parent / CONFIG))
+        found = _header(file)
+    check_state_dict(_expected(running), found)
+
+
+@functools.lru_cache(maxsize=4)
+def _expected(cfg: BD3Config) -> dict[str, torch.Tensor]:
+    """The checkpoint's names and shapes for a config, as meta tensors (the core model, allocating nothing)."""
+    with torch.device("meta"):
+        return BD3LM(cfg).state_dict()
+
+
+def read_source(source: Source | bytes) -> dict[str, torch.Tensor]:
+    """The tensors of a source; `bytes` are a serialized safetensors state dict (see `update_weights`)."""
+    if isinstance(source, Mapping):
+        return _tensors(source)
+    from safetensors.torch import load, load_file
+
+    if isinstance(source, bytes):
+        try:
+            return load(source)
+        except Exception as err:
+            raise CheckpointError(f"cannot read the serialized state dict: {err}") from None
+
+    file = weights_file(source)
+    try:
+        return load_file(str(file))
+    except Exception as err:
+        raise CheckpointError(f"cannot read {file}: {err}") from None
+
+
+def bd3_config(vllm_config) -> BD3Config:
+    to_bd3 = getattr(vllm_config.model_config.hf_config, "to_bd3", None)
+    if to_bd3 is None:
+        raise WeightUpdateError(f"{vllm_config.model_config.model} is not a BD3 model")
+    return to_bd3()
+
+
+# ---- worker side -------------------------------------------------------------------------------------
+def apply_weights(worker, source: Source | bytes) -> int:
+    """Run in each worker: check, then copy the source into the model in place. Returns the tensor count."""
+    if not isinstance(source, bytes):
+        check_source(source, bd3_config(worker.vllm_config))
+    state = read_source(source)
+    with torch.no_grad():
+        worker.model_runner.get_model().load_weights(state.items())  # checks again, then copies
+    return len(state)
+
+
+class BD3WeightSync:
+    """vLLM worker extension: `worker_extension_cls="vllm_backend.weights.BD3WeightSync"`."""
+
+    def bd3_update_weights(self, source: Source | bytes) -> int:
+        return apply_weights(self, source)
+
+
+# ---- offline engine ----------------------------------------------------------------------------------
+def _check_version(version: Any) -> str:
+    if not isinstance(version, str) or not version:
+        raise ValueError(f"version must be a non-empty string, got {version!r}")
+    return version
+
+
+def _same_process(llm) -> bool:
+    """Whether the engine's worker runs in this process (an in-process engine with one worker)."""
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    return isinstance(getattr(llm.llm_engine, "model_executor", None), UniProcExecutor)
+
+
+def _missing_extension(err: Exception) -> bool:
+    """vLLM's answer when a worker has no `bd3_update_weights` (neither the extension nor a worker with it)."""
+    message = str(err)  # the in-process and the multiprocess executors word it differently
+    return "bd3_update_weights" in message and ("is not implemented" in message or "has no attribute" in message)
+
+
+_NO_EXTENSION = f"the engine's workers have no bd3_update_weights: start it with worker_extension_cls={EXTENSION!r}"
+
+
+def update_weights(llm, source: Source, version: str) -> None:
+    """Load `source` into every worker of a `vllm.LLM`, then label the engine's weights `version`.
+    On any error the engine keeps its weights and its label."""
+    version = _check_version(version)
+    check_source(source, bd3_config(llm.llm_engine.vllm_config))
+    same_process = _same_process(llm)
+    if not isinstance(source, Mapping):
+        source = str(Path(source).expanduser().resolve())
+    elif not same_process:
+        # Another process: vLLM pickles the arguments, and tensors it has already sent over its own
+        # message queue no longer pickle, so the state dict travels as one safetensors buffer.
+        from safetensors.torch import save
+
+        source = save({k: v.detach().cpu().contiguous() for k, v in source.items()})
+    # In this process the function itself runs on the worker; elsewhere the worker needs the method.
+    try:
+        llm.collective_rpc(apply_weights if same_process else "bd3_update_weights", args=(source,))
+    except Exception as err:
+        if _missing_extension(err):
+            raise WeightUpdateError(_NO_EXTENSION) from None
+        raise
+    llm.update_weight_version(version)
+
+
+def weight_version(llm) -> str:
+    """The label of the weights a `vllm.LLM` serves ("default" before any update)."""
+    return llm.get_weight_version()
+
+
+# ---- server ------------------------------------------------------------------------------------------
+_UPDATE_LOCK: asyncio.Lock | None = None  # one update at a time; made on the server's event loop
+
+
+def _error(message: str, status: int = 400):
+    from fastapi.responses import JSONResponse
+
+    kind = "BadRequestError" if status == 400 else "InternalServerError"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status)
+
+
+def parse_update_request(body: bytes) -> tuple[str, str]:
+    """`{"path": str, "version": str}` and nothing else."""
+    try:
+        raw = json.loads(body or b"null")
+    except ValueError:
+        raise ValueError("the body must be a JSON object {\"path\": ..., \"version\": ...}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("the body must be a JSON object {\"path\": ..., \"version\": ...}")
+    unknown = sorted(set(raw) - {"path", "version"})
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
+    path = raw.get("path")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path must be a non-empty string, got {path!r}")
+    return path, _check_version(raw.get("version"))
+
+
+def _rpc_message(err: Exception) -> str:
+    """vLLM wraps a worker's exception as 'Call to collective_rpc method failed: <message>'."""
+    return str(err).split(" method failed: ", 1)[-1].splitlines()[0] if str(err) else type(err).__name__
+
+
+async def weight_routes(request, call_next):
+    """HTTP middleware for `vllm serve --middleware vllm_backend.weights.weight_routes`."""
+    route = (request.method, request.url.path)
+    if route == ("GET", INFO_ROUTE):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"weight_version": await request.app.state.engine_client.get_weight_version()})
+    if route != ("POST", UPDATE_ROUTE):
+        return await call_next(request)
+    vllm_config = request.app.state.vllm_config
+    try:
+        path, version = parse_update_request(await request.body())
+        check_source(path, bd3_config(vllm_config))
+    except (ValueError, WeightUpdateError) as err:  # CheckpointError is a ValueError
+        return _error(str(err))
+    return await _update(request.app.state.engine_client, str(Path(path).expanduser().resolve()), version)
+
+
+async def _update(engine, path: str, version: str):
+    from fastapi.responses import JSONResponse
+
+    global _UPDATE_LOCK
+    _UPDATE_LOCK = _UPDATE_LOCK or asyncio.Lock()
+    async with _UPDATE_LOCK:
+        # Requests in flight finish on the weights they started with; new ones wait for the update.
+        await engine.pause_generation(mode="wait")
+        try:
+            counts = await engine.collective_rpc("bd3_update_weights", args=(path,))
+            await engine.update_weight_version(version)
+        except Exception as err:  # the worker's strict check (a file changed since the front end read it)
+            return _error(f"the server's workers have no bd3_update_weights: start it with --worker-extension-cls "
+                          f"{EXTENSION}" if _missing_extension(err) else _rpc_message(err))
+        finally:
+            await engine.resume_generation()
+    return JSONResponse({"weight_version": version, "tensors": counts[0]})
+
+
+def update_server_weights(base_url: str, path: str | Path, version: str, timeout: float = 600.0) -> dict:
+    """Client of `POST /bd3/update_weights`; `path` is read by the server, on its own filesystem."""
+    import requests
+
+    r = requests.post(base_url.rstrip("/") + UPDATE_ROUTE, json={"path": str(path), "version": version},
+                      timeout=timeout)
+    if r.status_code != 200:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text
+        raise WeightUpdateError(f"{r.status_code}: {message}")
+    return r.json()
+
+
+def server_weight_version(base_url: str, timeout: float = 30.0) -> str:
+    import requests
+
+    r = requests.get(base_url.rstrip("/") + INFO_ROUTE, timeout=timeout)
+    r.raise_for_status()
+    return r.json()["weight_version"]
+
+
+__all__ = ["EXTENSION", "BD3WeightSync", "WeightUpdateError", "apply_weights", "check_config", "check_source",
+           "server_weight_version", "update_server_weights", "update_weights", "weight_routes", "weight_version",
+           "weights_file"]
