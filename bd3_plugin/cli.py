@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--algorithm", choices=ALGORITHMS, default="first_hitting")
     sample.add_argument("--temperature", type=float, default=1.0)
     sample.add_argument("--top-p", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int, default=0, help="keep the k most probable tokens (0: all)")
     sample.add_argument("--steps", type=int, default=None, help="DDPM steps per block")
     sample.add_argument("--threshold", type=float, default=0.9, help="threshold sampler confidence")
     sample.add_argument("--num-samples", type=int, default=1)
@@ -169,7 +170,7 @@ def cmd_sample(args) -> dict:
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
     sampler = SamplerConfig(algorithm=args.algorithm, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=args.top_p, steps=args.steps,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, steps=args.steps,
                             threshold=args.threshold)
     ckpt = _load(args)
     prompt = ckpt.encode(args.prompt)

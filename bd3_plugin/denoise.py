@@ -23,9 +23,10 @@ class BlockOutcome:
 def denoise_block(block: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor], config,
                   generators: list[torch.Generator], mask_id: int, *, recorder=None) -> BlockOutcome:
     """Reveal every mask of `block` (B, L') in place. `forward(block)` returns logits (B, L', V);
-    `config` is a SamplerConfig (algorithm, temperature, top_p, steps, threshold). A `recorder`
+    `config` is a SamplerConfig (algorithm, temperature, top_p, top_k, steps, threshold). A `recorder`
     (`trajectory.BlockRecorder`) is shown every step; it draws nothing, so tokens are the same with it."""
-    kw = dict(mask_id=mask_id, temperature=config.temperature, top_p=config.top_p, with_probs=recorder is not None)
+    kw = dict(mask_id=mask_id, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+              with_probs=recorder is not None)
     steps = config.steps or block.shape[1]
     passes, grid_i, logits = 0, 0, None
     # DDPM caching: the network ignores t, so a row's logits change only when its block does.

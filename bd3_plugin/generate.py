@@ -33,6 +33,7 @@ class SamplerConfig:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # keep the k most probable tokens before the nucleus; 0 is off
     steps: int | None = None  # DDPM: grid points per block (default: the block size)
     threshold: float = 0.9  # threshold sampler: reveal every token at least this probable
     stop_at_eos: bool = True
@@ -48,6 +49,8 @@ class SamplerConfig:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not _number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 is off), got {self.top_k!r}")
         if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool)
                                        or self.steps < 1):
             raise ValueError(f"steps must be a positive integer, got {self.steps!r}")

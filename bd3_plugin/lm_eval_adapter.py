@@ -46,6 +46,7 @@ class AdapterArgs:
     algorithm: str = "first_hitting"
     temperature: float = 0.0  # generation, when the task does not set it
     top_p: float = 1.0
+    top_k: int = 0
     steps: int | None = None
     threshold: float = 0.9
     max_gen_toks: int = 256
@@ -78,7 +79,7 @@ class AdapterArgs:
             raise BD3ArgsError("bd3 model_args: pretrained=PATH_OR_HUB_ID is required")
         if str(kwargs.get("batch_size", "")).startswith("auto"):
             kwargs.pop("batch_size")  # a fixed default; the model is small next to its activations
-        for key in ("batch_size", "mc_samples", "max_gen_toks", "block_size", "steps", "seed"):
+        for key in ("batch_size", "mc_samples", "max_gen_toks", "block_size", "steps", "seed", "top_k"):
             if isinstance(kwargs.get(key), str) and kwargs[key].isdigit():
                 kwargs[key] = int(kwargs[key])
         kwargs["pretrained"] = str(kwargs["pretrained"])
@@ -111,7 +112,7 @@ class BD3EvalLM(TemplateLM):
                               f"{self.ckpt.config.block_size}", stacklevel=2)
                 self.ckpt.model.config = cfg
             SamplerConfig(algorithm=args.algorithm, temperature=args.temperature, top_p=args.top_p,
-                          steps=args.steps, threshold=args.threshold)  # validates the sampler settings
+                          top_k=args.top_k, steps=args.steps, threshold=args.threshold)  # validates the sampler settings
         except (ValueError, OSError) as err:
             _fail(err)
         self.args = args
@@ -236,10 +237,12 @@ class BD3EvalLM(TemplateLM):
         if do_sample is False:
             temperature = 0.0
         top_p = float(kw.pop("top_p", self.args.top_p))
+        top_k = kw.pop("top_k", self.args.top_k)
+        top_k = 0 if top_k is None else top_k  # Hugging Face's None: no top-k filter
         if kw:
             log.warning("bd3: ignoring generation arguments %s", sorted(kw))
         return SamplerConfig(algorithm=self.args.algorithm, max_new_tokens=max_toks, temperature=temperature,
-                             top_p=top_p, steps=self.args.steps, threshold=self.args.threshold), until
+                             top_p=top_p, top_k=top_k, steps=self.args.steps, threshold=self.args.threshold), until
 
 
 def _cut(text: str, until: list[str]) -> str:

@@ -26,15 +26,33 @@ def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def token_probs(logits: torch.Tensor, mask_id: int, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+def top_k_filter(probs: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Keep exactly the `top_k` most probable tokens, ties at the k-th broken by the lowest token id;
+    renormalise. Off when top_k is None, ≤ 0 or ≥ V.
+
+    vLLM keeps every token tied with the k-th; keeping exactly k makes top_k = 1 the argmax (the lowest id
+    among ties), the token greedy decoding takes."""
+    if top_k is None or top_k <= 0 or top_k >= probs.shape[-1]:
+        return probs
+    # A stable descending sort keeps equal probabilities in id order, so the first k win the ties.
+    order = probs.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]  # (…, k)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, True)
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def token_probs(logits: torch.Tensor, mask_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                top_k: int | None = 0) -> torch.Tensor:
     """p_θ(x_0) at masked positions (…, V) in float64: the mask is never predicted (SUBS).
 
-    Temperature 0 means greedy; its probabilities are those at temperature 1 (used as confidences).
+    The filters apply in vLLM's order: temperature, then top-k, then the nucleus over the renormalised
+    top-k distribution. Temperature 0 means greedy; its probabilities are those at temperature 1, filtered
+    the same way (used as confidences).
     """
     logits = logits.double().clone()
     logits[..., mask_id] += NEG_INF
     scale = temperature if temperature > 0 else 1.0
-    return nucleus_filter(torch.softmax(logits / scale, dim=-1), top_p)
+    return nucleus_filter(top_k_filter(torch.softmax(logits / scale, dim=-1), top_k), top_p)
 
 
 def _row_draws(generators: list[torch.Generator], counts: list[int], width: int | None, device) -> torch.Tensor:
@@ -56,9 +74,9 @@ def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Ten
 
 
 def _propose(logits: torch.Tensor, where: torch.Tensor, generators: list[torch.Generator], mask_id: int,
-             temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens drawn at the (B, L') positions `where` (row-major order) and their probabilities (n, V)."""
-    probs = token_probs(logits[where], mask_id, temperature, top_p)  # (n, V)
+    probs = token_probs(logits[where], mask_id, temperature, top_p, top_k)  # (n, V)
     greedy = temperature == 0
     uniforms = None if greedy else _row_draws(generators, where.sum(1).tolist(), probs.shape[-1], probs.device)
     return draw_tokens(probs, uniforms), probs
@@ -86,10 +104,10 @@ def greedy_positions(confidence: torch.Tensor, masked: torch.Tensor, count: torc
 
 
 def _proposals(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], mask_id: int,
-               temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A token proposed at every masked position and its probability: tokens (B, L'), confidence (B, L')
     float64 (−1 where not masked), and the distributions (n_masked, V). Draws only at temperature > 0."""
-    proposal, probs = _propose(logits, masked, generators, mask_id, temperature, top_p)
+    proposal, probs = _propose(logits, masked, generators, mask_id, temperature, top_p, top_k)
     confidence = torch.full(masked.shape, -1.0, dtype=torch.float64, device=masked.device)
     confidence[masked] = probs.gather(-1, proposal[:, None]).squeeze(-1)
     tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
@@ -98,15 +116,16 @@ def _proposals(logits: torch.Tensor, masked: torch.Tensor, generators: list[torc
 
 
 def _greedy_step(logits: torch.Tensor, masked: torch.Tensor, count: torch.Tensor, mask_id: int, top_p: float,
-                 with_probs: bool) -> tuple:
+                 top_k: int, with_probs: bool) -> tuple:
     """Temperature 0: argmax tokens at the `count` most confident masked positions; no generator is used."""
-    tokens, confidence, probs = _proposals(logits, masked, [], mask_id, 0.0, top_p)
+    tokens, confidence, probs = _proposals(logits, masked, [], mask_id, 0.0, top_p, top_k)
     reveal = greedy_positions(confidence, masked, count)
     return (reveal, tokens, masked, probs) if with_probs else (reveal, tokens)
 
 
 def first_hitting_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
-                       mask_id: int, temperature: float, top_p: float, with_probs: bool = False) -> tuple:
+                       mask_id: int, temperature: float, top_p: float, top_k: int = 0, with_probs: bool = False
+                       ) -> tuple:
     """Reveal exactly one masked position per row, chosen uniformly (Zheng et al.'s first-hitting time
     for α_t = 1 − t: the next event reveals one token and which one is uniform). At temperature 0 the
     position is the greedy one (`greedy_positions`): the most confident, leftmost among ties.
@@ -118,18 +137,18 @@ def first_hitting_step(logits: torch.Tensor, masked: torch.Tensor, generators: l
     count = masked.sum(dim=1)  # (B,)
     live = count > 0
     if temperature == 0:
-        return _greedy_step(logits, masked, live.long(), mask_id, top_p, with_probs)
+        return _greedy_step(logits, masked, live.long(), mask_id, top_p, top_k, with_probs)
     u = torch.zeros(masked.shape[0], dtype=torch.float64, device=masked.device)
     u[live] = _row_draws(generators, live.long().tolist(), None, masked.device)
     k = (u * count).floor().long()  # which masked slot, 0-based
     rank = masked.long().cumsum(dim=1) - 1  # (B, L') rank of each masked slot
     reveal = masked & (rank == k[:, None])
-    return _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, with_probs)
+    return _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs)
 
 
-def _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, with_probs) -> tuple:
+def _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs) -> tuple:
     tokens = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
-    tokens[reveal], probs = _propose(logits, reveal, generators, mask_id, temperature, top_p)
+    tokens[reveal], probs = _propose(logits, reveal, generators, mask_id, temperature, top_p, top_k)
     return (reveal, tokens, reveal, probs) if with_probs else (reveal, tokens)
 
 
@@ -149,25 +168,27 @@ def ddpm_greedy_count(n_masked: torch.Tensor, t: float, s: float) -> torch.Tenso
 
 
 def ddpm_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *, t: float,
-              s: float, mask_id: int, temperature: float, top_p: float, with_probs: bool = False) -> tuple:
+              s: float, mask_id: int, temperature: float, top_p: float, top_k: int = 0, with_probs: bool = False
+              ) -> tuple:
     """Posterior step from t to s < t: a masked token stays masked with probability s/t, else it takes a
     token from p_θ(x_0). At s = 0 every masked token is revealed. At temperature 0 the step reveals
     `ddpm_greedy_count` positions chosen by `greedy_positions`, with argmax tokens."""
     if temperature == 0:
-        return _greedy_step(logits, masked, ddpm_greedy_count(masked.sum(dim=1), t, s), mask_id, top_p, with_probs)
+        return _greedy_step(logits, masked, ddpm_greedy_count(masked.sum(dim=1), t, s), mask_id, top_p, top_k,
+                            with_probs)
     u = _row_draws(generators, masked.sum(dim=1).tolist(), None, masked.device)
     reveal = torch.zeros_like(masked)
     reveal[masked] = u < ddpm_reveal_probability(t, s)
-    return _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, with_probs)
+    return _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs)
 
 
 def threshold_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
-                   threshold: float, mask_id: int, temperature: float, top_p: float, with_probs: bool = False
-                   ) -> tuple:
+                   threshold: float, mask_id: int, temperature: float, top_p: float, top_k: int = 0,
+                   with_probs: bool = False) -> tuple:
     """Confidence-threshold parallel decoding: propose a token at every masked position and reveal those
     whose probability is ≥ threshold; when none is, reveal the single most confident one (the greedy
     position). At temperature 0 the proposals are the argmax tokens, so the step is deterministic."""
-    tokens, confidence, probs = _proposals(logits, masked, generators, mask_id, temperature, top_p)
+    tokens, confidence, probs = _proposals(logits, masked, generators, mask_id, temperature, top_p, top_k)
     reveal = masked & (confidence >= threshold)
     stuck = masked.any(dim=1) & ~reveal.any(dim=1)
     reveal |= greedy_positions(confidence, masked, stuck.long())

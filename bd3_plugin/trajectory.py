@@ -36,10 +36,10 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(probs, probs).sum(dim=-1)
 
 
-def token_terms(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, temperature: float, top_p: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_terms(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, temperature: float, top_p: float,
+                top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For logits (n, V) and the tokens (n,) taken from them: log-prob under the sampled distribution
-    (temperature, nucleus, SUBS), under the raw model, and the sampled distribution's entropy, float64.
+    (temperature, top-k, nucleus, SUBS), under the raw model, and the sampled distribution's entropy, float64.
 
     At temperature 0 the sampled distribution is a point mass on the argmax: log-prob 0 and entropy 0.
     """
@@ -47,14 +47,14 @@ def token_terms(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, temper
     if temperature == 0:
         zero = torch.zeros_like(raw)
         return zero, raw, zero
-    q = token_probs(logits, mask_id, temperature, top_p)  # (n, V)
+    q = token_probs(logits, mask_id, temperature, top_p, top_k)  # (n, V)
     return q.gather(-1, tokens[:, None]).squeeze(-1).log(), raw, entropy(q)
 
 
 def threshold_miss_log_prob(logits: torch.Tensor, mask_id: int, temperature: float, top_p: float,
-                            threshold: float) -> torch.Tensor:
+                            threshold: float, top_k: int = 0) -> torch.Tensor:
     """log P(the token proposed at a position falls below the threshold) = log Σ_v q(v)·1[q(v) < τ], (n,)."""
-    return miss_log_prob(token_probs(logits, mask_id, temperature, top_p), threshold)
+    return miss_log_prob(token_probs(logits, mask_id, temperature, top_p, top_k), threshold)
 
 
 def miss_log_prob(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -107,7 +107,7 @@ class Trajectory:
     reveal_pass: torch.Tensor  # (N,) pass within the block that revealed the slot (1-based); 0 = given
     reveal_step: torch.Tensor  # (N,) the row's cumulative pass that revealed it; 0 = given
     reveal_grid: torch.Tensor  # (N,) step index within the block that revealed it; -1 = given
-    logprob: torch.Tensor  # (N,) float64 under the sampled distribution (temperature, nucleus, SUBS); 0 if given
+    logprob: torch.Tensor  # (N,) float64 under the sampled distribution (temperature, top-k, nucleus, SUBS); 0 if given
     logprob_raw: torch.Tensor  # (N,) float64 under the raw model (temperature 1, SUBS); 0 if given
     entropy: torch.Tensor  # (N,) float64 entropy of the sampled distribution at that pass; 0 if given
     in_output: torch.Tensor  # (N,) bool: the slot is part of the returned tokens
@@ -231,7 +231,8 @@ class BlockRecorder:
         and levels; optionally the sampler's distributions `probs` (n, V) at the slots `where` (B, L')."""
         cfg = self.config
         if probs is None:
-            where, probs = masked, token_probs(logits[masked], self.mask_id, cfg.temperature, cfg.top_p)
+            where, probs = masked, token_probs(logits[masked], self.mask_id, cfg.temperature, cfg.top_p,
+                                               cfg.top_k)
         tok = tokens[reveal]
         raw = raw_log_probs(logits[reveal], self.mask_id).gather(-1, tok[:, None]).squeeze(-1)
         q_tok = probs[reveal[where]].gather(-1, tok[:, None]).squeeze(-1)  # (n,) the sampler's p of each token

@@ -28,7 +28,7 @@ Step = tuple[int, int]  # (block, pass)
 class TrajectoryScores:
     """Recomputed values aligned with the trajectory: slot fields (N,), step fields (S,)."""
 
-    logprob: torch.Tensor  # under the rollout's sampled distribution (temperature, nucleus, SUBS)
+    logprob: torch.Tensor  # under the rollout's sampled distribution (temperature, top-k, nucleus, SUBS)
     logprob_raw: torch.Tensor  # temperature 1, SUBS
     entropy: torch.Tensor  # of the sampled distribution
     scored: torch.Tensor  # (N,) bool: slots revealed in a scored step (others hold 0)
@@ -97,7 +97,8 @@ def score_trajectory(model: BD3LM, trajectories: Sequence[Trajectory], *,
             where = now[j].nonzero()[:, 0]
             if not len(where):
                 continue
-            lp, raw, ent = token_terms(logits[j, where], x_0[j, where], mask_id, cfg.temperature, cfg.top_p)
+            lp, raw, ent = token_terms(logits[j, where], x_0[j, where], mask_id, cfg.temperature, cfg.top_p,
+                                       cfg.top_k)
             off = t.first_block * t.block_size
             part["idx"].append(where - off), part["lp"].append(lp), part["raw"].append(raw), part["ent"].append(ent)
             if cfg.algorithm == "threshold" and cfg.temperature > 0:
@@ -106,7 +107,7 @@ def score_trajectory(model: BD3LM, trajectories: Sequence[Trajectory], *,
                 part["miss_idx"].append(miss - off)
                 part["miss_grid"].append(torch.full((len(miss),), r - 1))  # a threshold step's grid is its pass − 1
                 part["miss"].append(threshold_miss_log_prob(logits[j, miss], mask_id, cfg.temperature, cfg.top_p,
-                                                            cfg.threshold))
+                                                            cfg.threshold, cfg.top_k))
             for blk, p in full_vocab[j]:
                 if p == r:
                     at = where[block[j, where] == blk]

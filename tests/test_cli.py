@@ -60,6 +60,19 @@ def test_sample(ckpt):
     assert again["samples"] == out["samples"]
 
 
+def test_sample_top_k_reaches_the_sampler(ckpt):
+    """--top-k 1 makes every threshold proposal certain: the text is the core's greedy text with top_k 1."""
+    from bd3_plugin.generate import SamplerConfig, generate
+
+    r = bd3("sample", ckpt, "--prompt", "the cat", "--max-new-tokens", 9, "--algorithm", "threshold",
+            "--top-k", 1, "--seed", 3, "--json")
+    assert r.returncode == 0, r.stderr
+    c = load_checkpoint(ckpt)
+    cfg = SamplerConfig(algorithm="threshold", max_new_tokens=9, temperature=0.0, top_k=1)
+    expect = generate(c.model, [c.encode("the cat")], cfg, eos_id=c.eos_id).generations[0].tokens
+    assert json.loads(r.stdout)["samples"][0]["tokens"] == expect
+
+
 def _one_line_error(r, needle):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -79,3 +92,4 @@ def test_bad_input_gives_one_line(ckpt, tmp_path):
     (bad / "config.json").write_text(json.dumps(tiny_config().to_dict() | {"block_size": 5}))
     _one_line_error(bd3("sample", bad), "block_size 5 does not divide model_length 32")
     _one_line_error(bd3("sample", ckpt, "--top-p", 0), "top_p must lie in (0, 1]")
+    _one_line_error(bd3("sample", ckpt, "--top-k", -1), "top_k must be an integer >= 0")

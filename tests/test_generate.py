@@ -117,9 +117,30 @@ def test_bad_requests():
         generate(model, [[1, model.config.mask_id]], SamplerConfig(), seeded_generators([0]))
     for kwargs, needle in [({"algorithm": "beam"}, "algorithm must be one of"), ({"threshold": 0.0}, "threshold"),
                            ({"top_p": 1.5}, "top_p"), ({"max_new_tokens": 0}, "max_new_tokens"),
-                           ({"temperature": -1.0}, "temperature")]:
+                           ({"temperature": -1.0}, "temperature"), ({"top_k": -1}, "top_k must be an integer >= 0"),
+                           ({"top_k": 2.0}, "top_k"), ({"top_k": True}, "top_k")]:
         with pytest.raises(ValueError, match=needle):
             SamplerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
+def test_top_k_one_at_temperature_one_gives_the_greedy_tokens(algorithm):
+    """At L' = 1 every sampler reveals the one slot, so top_k = 1 (the argmax, lowest id among ties) at
+    temperature 1 must give greedy decoding's tokens whatever the seeds. At L' = 4 the threshold sampler
+    with top_k = 1 reveals every slot at once (each proposal has probability 1), greedy or not."""
+    model = random_model(tiny_config(block_size=1))
+    greedy = generate(model, PROMPTS, SamplerConfig(algorithm=algorithm, temperature=0.0, max_new_tokens=9))
+    for seed in (0, 17):
+        cfg = SamplerConfig(algorithm=algorithm, temperature=1.0, top_k=1, max_new_tokens=9)
+        out = generate(model, PROMPTS, cfg, seeded_generators(range(seed, seed + len(PROMPTS))))
+        assert [g.tokens for g in out.generations] == [g.tokens for g in greedy.generations]
+    if algorithm == "threshold":
+        model = random_model()
+        cfg = SamplerConfig(algorithm=algorithm, temperature=0.0, top_k=1, max_new_tokens=9)
+        greedy = [g.tokens for g in generate(model, PROMPTS, cfg).generations]
+        sampled = generate(model, PROMPTS, SamplerConfig(algorithm=algorithm, top_k=1, max_new_tokens=9),
+                           seeded_generators(range(len(PROMPTS))))
+        assert [g.tokens for g in sampled.generations] == greedy
 
 
 @pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])

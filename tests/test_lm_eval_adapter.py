@@ -89,6 +89,23 @@ def test_generation_is_seeded_batched_and_stops(lm4):
     assert sum(source.is_valid(text_words(r.args[0] + " " + o + " .")) for r, o in zip(reqs, out)) >= 2
 
 
+def test_top_k_from_the_task_or_the_model_args_reaches_the_sampler(lm1):
+    """At L' = 1, top_k = 1 at temperature 1 is greedy decoding: the task's top_k is applied."""
+    prompts = ["the old cow", "some ships", "a wolf"]
+
+    def run(gen_kwargs):
+        reqs = [Instance("generate_until", {}, (p, {"until": ["."], "max_gen_toks": 12} | gen_kwargs), i)
+                for i, p in enumerate(prompts)]
+        return lm1.generate_until(reqs, disable_tqdm=True)
+
+    greedy = run({"temperature": 0.0})
+    assert run({"temperature": 1.0, "do_sample": True, "top_k": 1}) == greedy
+    assert run({"temperature": 1.0, "do_sample": True}) != greedy  # the comparison above can fail
+    assert lm1._sampler_config({"top_k": None})[0].top_k == lm1.args.top_k == 0
+    lm = BD3EvalLM.create_from_arg_string(f"pretrained={checkpoint_path(1)},top_k=3,batch_size=4")
+    assert lm._sampler_config({})[0].top_k == 3 and lm._sampler_config({"top_k": 1})[0].top_k == 1
+
+
 def test_bad_requests(lm4):
     with pytest.raises(ValueError, match="empty continuation"):
         lm4.loglikelihood(ll_requests([("the cow", "")]), disable_tqdm=True)
@@ -98,7 +115,7 @@ def test_bad_requests(lm4):
     tail = lm4.tokenizer.decode(lm4.tok_encode(long_ctx)[-(128 - 4):])  # documented: the context's last tokens
     assert ll == pytest.approx(lm4.loglikelihood(ll_requests([(tail, " the cow sleeps .")]), disable_tqdm=True)[0][0])
     for args, needle in [("mc_sample=2", "unknown key(s) mc_sample"), ("mc_samples=0", "mc_samples must be"),
-                         ("algorithm=beam", "algorithm must be one of"), ("block_size=5", "block_size 5 does not divide"),
+                         ("algorithm=beam", "algorithm must be one of"), ("top_k=-1", "top_k must be an integer >= 0"), ("block_size=5", "block_size 5 does not divide"),
                          ("", "pretrained=PATH_OR_HUB_ID is required")]:
         arg_string = f"pretrained={checkpoint_path(4)},{args}" if "pretrained" not in needle else args
         with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):

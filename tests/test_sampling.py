@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bd3_plugin.sampling import (ddpm_greedy_count, ddpm_step, draw_tokens, first_hitting_step, greedy_positions,
-                                 nucleus_filter, threshold_step, token_probs)
+                                 nucleus_filter, threshold_step, token_probs, top_k_filter)
 
 
 def naive_nucleus(p: list[float], top_p: float) -> list[float]:
@@ -24,6 +24,48 @@ def test_nucleus_excludes_the_crossing_token():
         for row in range(6):
             assert torch.allclose(got[row], torch.tensor(naive_nucleus(p[row].tolist(), top_p), dtype=torch.float64))
     assert torch.equal(nucleus_filter(torch.tensor([[0.5, 0.3, 0.2]]), 0.5), torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+def naive_top_k(p: list[float], k: int) -> list[float]:
+    """Sort by (probability descending, token id ascending) by hand, keep the first k, renormalise."""
+    kept = sorted(range(len(p)), key=lambda i: (-p[i], i))[:k]
+    z = sum(p[i] for i in kept)
+    return [p[i] / z if i in kept else 0.0 for i in range(len(p))]
+
+
+def tied_probs(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Distributions with many exact ties: softmax of small integer logits."""
+    logits = torch.randint(0, 4, (rows, vocab), generator=torch.Generator().manual_seed(seed)).double()
+    return torch.softmax(logits, dim=-1)
+
+
+def test_top_k_keeps_the_k_most_probable_and_breaks_ties_by_the_lowest_id():
+    for seed in range(5):
+        p = tied_probs(8, 12, seed)
+        for k in (1, 2, 3, 5, 11):
+            got = top_k_filter(p, k)
+            for row in range(8):
+                expect = torch.tensor(naive_top_k(p[row].tolist(), k), dtype=torch.float64)
+                assert torch.allclose(got[row], expect, atol=1e-15), (seed, k, row)
+            assert ((got > 0).sum(-1) == k).all()  # exactly k, ties or not
+    p = tied_probs(4, 12, 9)
+    for off in (None, 0, -1, 12, 50):
+        assert torch.equal(top_k_filter(p, off), p)
+    assert torch.equal(top_k_filter(torch.tensor([[0.25, 0.25, 0.25, 0.25]]), 2), torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+
+
+def test_token_probs_apply_temperature_then_top_k_then_the_nucleus():
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 10, generator=gen) * 2
+    logits[0, 3] = logits[0, 5] = logits[0].max() + 1  # a tie at the top
+    for temperature, top_k, top_p in [(1.0, 3, 1.0), (0.7, 4, 0.8), (1.5, 6, 0.6), (0.5, 2, 0.99), (1.0, 0, 0.9)]:
+        got = token_probs(logits, mask_id=9, temperature=temperature, top_p=top_p, top_k=top_k)
+        for row in range(6):
+            z = logits[row].double() / temperature
+            z[9] = -float("inf")
+            p = torch.softmax(z, -1).tolist()
+            expect = naive_nucleus(naive_top_k(p, top_k) if top_k else p, top_p)
+            assert torch.allclose(got[row], torch.tensor(expect, dtype=torch.float64)), (temperature, top_k, top_p)
 
 
 def test_gumbel_draws_follow_the_distribution():
@@ -140,3 +182,32 @@ def test_temperature_zero_steps_are_greedy_and_draw_nothing(algorithm):
         expect = naive_greedy_positions(conf[r].tolist(), masked[r].tolist(), count[r])
         assert reveal[r].tolist() == expect
         assert tokens[r][reveal[r]].tolist() == best[r][reveal[r]].tolist()
+
+
+def _step(algorithm, logits, masked, gens, **kw):
+    if algorithm == "first_hitting":
+        return first_hitting_step(logits, masked, gens, **kw)
+    if algorithm == "ddpm":
+        return ddpm_step(logits, masked, gens, t=0.6, s=0.2, **kw)
+    return threshold_step(logits, masked, gens, threshold=0.5, **kw)
+
+
+@pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
+def test_sampled_tokens_always_lie_in_the_top_k(algorithm):
+    """Over many seeds, every revealed token is one of the k most probable (ties: lowest ids), by hand;
+    with k = 1 at temperature 1 it is the greedy token, the argmax (lowest id among ties)."""
+    masked = torch.tensor([[True] * 6, [False, True, True, False, True, True]])
+    for seed in range(150):
+        logits = torch.randint(0, 5, (2, 6, 9), generator=torch.Generator().manual_seed(seed)).float()  # ties
+        gens = [torch.Generator().manual_seed(1000 + seed), torch.Generator().manual_seed(2000 + seed)]
+        k = 1 + seed % 4
+        reveal, tokens = _step(algorithm, logits, masked, gens, mask_id=8, temperature=1.3, top_p=1.0, top_k=k)
+        assert reveal.any()
+        for r, i in reveal.nonzero().tolist():
+            p = torch.softmax(logits[r, i, :8].double(), -1).tolist()  # the mask (id 8) is never predicted
+            allowed = sorted(range(8), key=lambda v: (-p[v], v))[:k]
+            assert tokens[r, i].item() in allowed, (seed, k, r, i)
+        reveal, tokens = _step(algorithm, logits, masked, gens, mask_id=8, temperature=1.0, top_p=1.0, top_k=1)
+        greedy = torch.stack([torch.tensor([max(range(8), key=lambda v: (row[v], -v)) for row in blk.tolist()])
+                              for blk in logits])  # (2, 6) argmax by hand, lowest id among ties
+        assert torch.equal(tokens[reveal], greedy[reveal]), seed

@@ -16,7 +16,9 @@ from helpers import ar_logprobs, assert_close, random_model, tiny_config
 
 # Prompts ending inside a block and on a block boundary; rows stop inside a block (11 tokens, L' = 4).
 PROMPTS = [[], [3], [4, 5, 6], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
-SETTINGS = [dict(temperature=1.0, top_p=1.0), dict(temperature=0.8, top_p=0.9), dict(temperature=0.0, top_p=1.0)]
+SETTINGS = [dict(temperature=1.0, top_p=1.0), dict(temperature=0.8, top_p=0.9), dict(temperature=0.9, top_p=0.95, top_k=4),
+            dict(temperature=0.0, top_p=1.0)]
+SAMPLED = [kw for kw in SETTINGS if kw["temperature"] > 0]
 ALGORITHMS = ["first_hitting", "ddpm", "threshold"]
 
 
@@ -38,7 +40,7 @@ def naive_slot_values(model, traj, i):
     tok = int(traj.tokens[i])
     if cfg.temperature == 0:
         return 0.0, raw[tok].item(), 0.0
-    q = token_probs(logits[None], mask_id, cfg.temperature, cfg.top_p)[0]
+    q = token_probs(logits[None], mask_id, cfg.temperature, cfg.top_p, cfg.top_k)[0]
     ent = -sum(p * math.log(p) for p in q.tolist() if p > 0)
     return math.log(q[tok].item()), raw[tok].item(), ent
 
@@ -61,7 +63,7 @@ def test_recording_changes_nothing_and_matches_the_generation(algorithm):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_recorded_values_equal_a_naive_forward(algorithm):
     model = random_model()
-    for kw in SETTINGS[:2]:
+    for kw in SAMPLED:
         out = generate(model, PROMPTS, sampler(algorithm, **kw), seeded_generators(range(4)), record=True)
         for t in out.trajectories:
             gen = (t.reveal_pass > 0).nonzero()[:, 0].tolist()

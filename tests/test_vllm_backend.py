@@ -1,4 +1,5 @@
 """The vLLM backend against the core sampler, through vLLM's real engine (one subprocess per checkpoint)."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ TEXTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos>", "<eos> the wo
          "<eos> a"]
 CASES = [{"algorithm": a, "temperature": t, "max_tokens": 21, "seed": 5}
          for a in ("first_hitting", "ddpm", "threshold") for t in (0.0, 1.0)]
+CASES.append({"algorithm": "threshold", "temperature": 1.0, "max_tokens": 21, "seed": 5, "top_k": 3})
 
 
 def run_engine(checkpoint, prompts, max_model_len=128):
@@ -38,16 +40,20 @@ def test_engine_matches_the_core_sampler_token_for_token(block_size):
     results = run_engine(checkpoint_path(block_size), prompts)
     for case, got in zip(CASES, results):
         cfg = SamplerConfig(algorithm=case["algorithm"], temperature=case["temperature"],
-                            max_new_tokens=case["max_tokens"], stop_at_eos=False)
+                            max_new_tokens=case["max_tokens"], stop_at_eos=False, top_k=case.get("top_k", 0))
         core = generate(ckpt.model, prompts, cfg, seeded_generators([case["seed"]] * len(prompts)))
         expect = [g.tokens for g in core.generations]
+        if cfg.top_k:  # the case tells a backend that drops top_k from one that applies it
+            off = generate(ckpt.model, prompts, dataclasses.replace(cfg, top_k=0),
+                           seeded_generators([case["seed"]] * len(prompts)))
+            assert [g.tokens for g in off.generations] != expect, case
         assert got["batch"] == expect, case
         assert got["alone"] == expect[:1], case
 
 
 def test_sampler_settings_are_validated():
     def params(**kw):
-        base = dict(extra_args=None, temperature=1.0, top_p=1.0, max_tokens=8)
+        base = dict(extra_args=None, temperature=1.0, top_p=1.0, top_k=0, max_tokens=8)
         return SimpleNamespace(**(base | kw))
 
     assert sampler_config(params(), 4) == SamplerConfig(max_new_tokens=8)

@@ -15,13 +15,14 @@ from vllm.sampling_params import RepetitionDetectionParams, SamplingParams, Stru
 from bd3_plugin import cli  # noqa: E402
 from bd3_plugin.tinyworld.data import checkpoint_path  # noqa: E402
 from vllm_backend import fields, hf_config, serve  # noqa: E402
+from vllm_backend.params import sampler_config  # noqa: E402
 from vllm_backend.validate import BD3RequestValidator, LOGLIKELIHOOD_HINT, check_params  # noqa: E402
 
 README = Path(__file__).parents[1] / "vllm_backend" / "README.md"
 
 # A value that asks for the feature, for every refused SamplingParams field.
 ASKS = {
-    "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "top_k": 5, "min_p": 0.1,
+    "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "min_p": 0.1,
     "min_tokens": 3, "logprobs": 1, "prompt_logprobs": 0, "prompt_logprob_start": 0, "logprob_token_ids": [5],
     "structured_outputs": StructuredOutputsParams(regex="a+"), "logit_bias": {5: 1.0},
     "allowed_token_ids": [5, 6], "bad_words": ["cow"], "thinking_token_budget": 4,
@@ -53,6 +54,13 @@ def test_default_params_and_honoured_settings_pass():
                                 ignore_eos=True, max_tokens=9, top_k=-1, include_stop_str_in_output=True,
                                 extra_args={"algorithm": "ddpm", "steps": 3}), 4)
     check_params(SamplingParams(temperature=0.0, top_k=7), 4)  # vLLM resets top_k at greedy: nothing to refuse
+
+
+def test_top_k_reaches_the_block_sampler():
+    assert sampler_config(SamplingParams(temperature=0.7, top_k=5), 4).top_k == 5
+    for off in (0, -1):  # vLLM's two spellings of "off" are the core's 0
+        assert sampler_config(SamplingParams(temperature=0.7, top_k=off), 4).top_k == 0
+    assert sampler_config(SamplingParams(temperature=0.0, top_k=7), 4).top_k == 0  # vLLM resets it at greedy
 
 
 @pytest.mark.parametrize("name", sorted(ASKS))

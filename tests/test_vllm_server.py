@@ -170,15 +170,16 @@ def test_api_key_is_checked_before_the_request(server):
     good = dict(model=model, prompt="<eos> a", max_tokens=4, temperature=1.0, seed=1)
     assert post(base, "completions", good, headers={}).status_code == 401
     assert post(base, "completions", good).status_code == 200
-    bad = good | {"stream": True, "top_k": 5}
+    assert post(base, "completions", good | {"top_k": 3}).status_code == 200  # honoured, not refused
+    bad = good | {"stream": True, "min_tokens": 3}
     wrong = {"Authorization": "Bearer not-the-key"}
     assert [post(base, "completions", bad, headers=h).status_code for h in ({}, wrong)] == [401, 401]
     r = post(base, "completions", bad)
-    assert r.status_code == 400 and r.json()["error"]["message"].startswith("top_k ")
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("min_tokens ")
 
 
 # (request field, value that asks for it) for fields the backend does not apply; each must be a 400 naming it.
-REFUSED = [("top_k", 5), ("min_tokens", 3), ("repetition_penalty", 1.3), ("presence_penalty", 0.5),
+REFUSED = [("min_tokens", 3), ("repetition_penalty", 1.3), ("presence_penalty", 0.5),
            ("frequency_penalty", 0.5), ("bad_words", ["cow"]), ("allowed_token_ids", [5, 6]),
            ("logit_bias", {"5": 2.0}), ("min_p", 0.1), ("prompt_logprobs", 1),
            ("structured_outputs", {"regex": "a+"}), ("response_format", {"type": "json_object"}),
@@ -207,7 +208,7 @@ def test_vllm_own_checks_stay_400s_before_the_stream(server, stream):
     base, _, model = server
     body = dict(model=model, prompt="<eos> a", max_tokens=8, stream=stream)
     for bad, needle in ((dict(temperature=-1.0), "temperature"), (dict(presence_penalty=5.0), "presence_penalty"),
-                        (dict(n=0), "n"), (dict(seed="x"), "seed")):
+                        (dict(n=0), "n"), (dict(seed="x"), "seed"), (dict(top_k=-2), "top_k")):
         r = post(base, "completions", body | bad)
         assert r.status_code == 400 and needle in r.text, (bad, r.status_code, r.text[:300])
     chat = dict(model=model, messages=[{"role": "user", "content": "a"}], tools=[], stream=stream)

@@ -16,7 +16,8 @@ if __name__ == "__main__":
     results = []
     for case in spec["cases"]:
         params = SamplingParams(temperature=case["temperature"], max_tokens=case["max_tokens"], seed=case["seed"],
-                                extra_args={"algorithm": case["algorithm"]}, ignore_eos=True)
+                                extra_args={"algorithm": case["algorithm"]}, ignore_eos=True,
+                                top_k=case.get("top_k", 0))
         prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
         batch = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
         alone = [list(o.outputs[0].token_ids) for o in llm.generate(prompts[:1], params, use_tqdm=False)]

@@ -1,5 +1,5 @@
 """Per-request BD3 sampler settings: `SamplingParams.extra_args` (the request's `vllm_xargs`) plus its
-temperature and top_p, validated once, here, for the API front end and the runner alike."""
+temperature, top_p and top_k, validated once, here, for the API front end and the runner alike."""
 from __future__ import annotations
 
 from bd3_plugin.generate import SamplerConfig
@@ -17,7 +17,9 @@ def sampler_config(params, block_size: int) -> SamplerConfig:
     if requested is not None and requested != block_size:
         raise ValueError(f"block_size {requested} does not match the checkpoint's block size {block_size}")
     temperature = 0.0 if params.temperature < 1e-5 else float(params.temperature)
+    top_k = max(params.top_k or 0, 0)  # vLLM's off is 0 or -1 (and it resets top_k to 0 at temperature 0)
     # SamplerConfig checks the algorithm, steps and threshold (ValueError naming the field).
     return SamplerConfig(algorithm=extra.get("algorithm", "first_hitting"),
                          max_new_tokens=max(params.max_tokens or 1, 1), temperature=temperature,
-                         top_p=float(params.top_p), steps=extra.get("steps"), threshold=extra.get("threshold", 0.9))
+                         top_p=float(params.top_p), top_k=top_k, steps=extra.get("steps"),
+                         threshold=extra.get("threshold", 0.9))
