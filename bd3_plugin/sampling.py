@@ -46,19 +46,22 @@ def token_probs(logits: torch.Tensor, mask_id: int, temperature: float = 1.0, to
     """p_θ(x_0) at masked positions (…, V) in float64: the mask is never predicted (SUBS).
 
     The filters apply in vLLM's order: temperature, then top-k, then the nucleus over the renormalised
-    top-k distribution. Temperature 0 means greedy; its probabilities are those at temperature 1, filtered
-    the same way (used as confidences).
+    top-k distribution. Temperature 0 means greedy: its probabilities are those at temperature 1 with no
+    filter (used as confidences), as vLLM drops top-k and top-p from greedy requests; the argmax is the same
+    either way, and the confidences that order the reveals stay the model's own.
     """
     logits = logits.double().clone()
     logits[..., mask_id] += NEG_INF
-    scale = temperature if temperature > 0 else 1.0
-    return nucleus_filter(top_k_filter(torch.softmax(logits / scale, dim=-1), top_k), top_p)
+    if temperature == 0:
+        return torch.softmax(logits, dim=-1)
+    return nucleus_filter(top_k_filter(torch.softmax(logits / temperature, dim=-1), top_k), top_p)
 
 
 def _row_draws(generators: list[torch.Generator], counts: list[int], width: int | None, device) -> torch.Tensor:
     """Uniform float64 draws, `counts[r]` (× width) from row r's own generator, stacked in row order."""
     shape = (lambda n: (n,)) if width is None else (lambda n: (n, width))
-    parts = [torch.rand(shape(n), generator=g, dtype=torch.float64, device=g.device) for g, n in zip(generators, counts) if n]
+    parts = [torch.rand(shape(n), generator=g, dtype=torch.float64, device=g.device)
+             for g, n in zip(generators, counts) if n]
     if not parts:
         return torch.zeros(shape(0), dtype=torch.float64, device=device)
     return torch.cat(parts).to(device)

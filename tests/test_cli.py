@@ -61,15 +61,18 @@ def test_sample(ckpt):
 
 
 def test_sample_top_k_reaches_the_sampler(ckpt):
-    """--top-k 1 makes every threshold proposal certain: the text is the core's greedy text with top_k 1."""
+    """--top-k 1 makes every threshold proposal certain (probability 1 after the filter), so the text is the
+    core's with top_k 1 whatever the random draws."""
     from bd3_plugin.generate import SamplerConfig, generate
+    from bd3_plugin.noise import seeded_generators
 
     r = bd3("sample", ckpt, "--prompt", "the cat", "--max-new-tokens", 9, "--algorithm", "threshold",
             "--top-k", 1, "--seed", 3, "--json")
     assert r.returncode == 0, r.stderr
     c = load_checkpoint(ckpt)
-    cfg = SamplerConfig(algorithm="threshold", max_new_tokens=9, temperature=0.0, top_k=1)
-    expect = generate(c.model, [c.encode("the cat")], cfg, eos_id=c.eos_id).generations[0].tokens
+    cfg = SamplerConfig(algorithm="threshold", max_new_tokens=9, temperature=1.0, top_k=1)
+    expect = generate(c.model, [c.encode("the cat")], cfg, seeded_generators([12345]),
+                      eos_id=c.eos_id).generations[0].tokens
     assert json.loads(r.stdout)["samples"][0]["tokens"] == expect
 
 

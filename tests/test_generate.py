@@ -126,21 +126,25 @@ def test_bad_requests():
 @pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
 def test_top_k_one_at_temperature_one_gives_the_greedy_tokens(algorithm):
     """At L' = 1 every sampler reveals the one slot, so top_k = 1 (the argmax, lowest id among ties) at
-    temperature 1 must give greedy decoding's tokens whatever the seeds. At L' = 4 the threshold sampler
-    with top_k = 1 reveals every slot at once (each proposal has probability 1), greedy or not."""
+    temperature 1 must give greedy decoding's tokens whatever the seeds."""
     model = random_model(tiny_config(block_size=1))
     greedy = generate(model, PROMPTS, SamplerConfig(algorithm=algorithm, temperature=0.0, max_new_tokens=9))
     for seed in (0, 17):
         cfg = SamplerConfig(algorithm=algorithm, temperature=1.0, top_k=1, max_new_tokens=9)
         out = generate(model, PROMPTS, cfg, seeded_generators(range(seed, seed + len(PROMPTS))))
         assert [g.tokens for g in out.generations] == [g.tokens for g in greedy.generations]
-    if algorithm == "threshold":
-        model = random_model()
-        cfg = SamplerConfig(algorithm=algorithm, temperature=0.0, top_k=1, max_new_tokens=9)
-        greedy = [g.tokens for g in generate(model, PROMPTS, cfg).generations]
-        sampled = generate(model, PROMPTS, SamplerConfig(algorithm=algorithm, top_k=1, max_new_tokens=9),
-                           seeded_generators(range(len(PROMPTS))))
-        assert [g.tokens for g in sampled.generations] == greedy
+
+
+@pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
+def test_greedy_ignores_the_filters(algorithm):
+    """At temperature 0 top-k and top-p do not apply (as in vLLM, which drops them from greedy requests):
+    the confidences that order the reveals are the model's own probabilities."""
+    model = random_model()
+    plain = generate(model, PROMPTS, SamplerConfig(algorithm=algorithm, temperature=0.0, max_new_tokens=13))
+    filtered = generate(model, PROMPTS, SamplerConfig(algorithm=algorithm, temperature=0.0, max_new_tokens=13,
+                                                      top_k=2, top_p=0.5))
+    assert [g.tokens for g in filtered.generations] == [g.tokens for g in plain.generations]
+    assert [g.reveal_steps for g in filtered.generations] == [g.reveal_steps for g in plain.generations]
 
 
 @pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
