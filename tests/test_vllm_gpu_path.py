@@ -1,0 +1,342 @@
+"""What a CPU-only machine can check of the backend's GPU path: import hygiene of the plugin, the runner
+composition and its drift guard against vLLM's V1 GPUModelRunner, the GPU worker's runner factory, runner
+and attention-backend selection under a (faked) CUDA build, and the block-causal metadata against a
+pure-PyTorch paged-attention reference with FlashAttention/Triton varlen semantics."""
+import inspect
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bd3_plugin.masks import block_causal_mask
+from bd3_plugin.tinyworld.data import checkpoint_path
+
+HYGIENE = r"""
+import json, sys, torch
+before = (torch.cuda.Event, torch.cuda.Stream, torch.Tensor.pin_memory)
+import vllm.plugins
+vllm.plugins.load_general_plugins()
+from vllm import ModelRegistry
+from vllm.engine.arg_utils import EngineArgs
+import vllm_backend.autoconfig, vllm_backend.engine, vllm_backend.runner, vllm_backend.gpu_worker
+config = EngineArgs(model=sys.argv[1], max_model_len=128).create_engine_config()  # the configuration path
+def state():
+    same = [a is b for a, b in zip(before, (torch.cuda.Event, torch.cuda.Stream, torch.Tensor.pin_memory))]
+    return {"cpu_modules": sorted(m for m in sys.modules if m.startswith("vllm.v1.worker.cpu")), "same": same}
+out = {"registered": "BD3LM" in ModelRegistry.get_supported_archs(), "worker": config.parallel_config.worker_cls,
+       "after_config": state()}
+import vllm_backend.cpu_worker as cw  # what vLLM does in a CPU worker process, and only there
+out["after_cpu_worker"] = state()
+out["cpu_mro"] = [c.__name__ for c in cw.BD3CPUModelRunner.__mro__[:4]]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run(code: str, *args: str, timeout: int = 300, env: dict | None = None) -> dict:
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_plugin_registration_and_configuration_leave_torch_and_the_cpu_worker_alone():
+    out = _run(HYGIENE, str(checkpoint_path(4)))
+    assert out["registered"] and out["worker"] == "vllm_backend.cpu_worker.BD3CPUWorker"
+    assert out["after_config"] == {"cpu_modules": [], "same": [True, True, True]}
+    # The probe can see the damage: vLLM's CPU worker module patches all three on import.
+    assert "vllm.v1.worker.cpu.shm" in out["after_cpu_worker"]["cpu_modules"]
+    assert out["after_cpu_worker"]["same"] == [False, False, False]
+    assert out["cpu_mro"] == ["BD3CPUModelRunner", "BD3RunnerMixin", "CPUModelRunner", "GPUModelRunner"]
+
+
+# ---- composition and drift guard ----------------------------------------------------------------
+def _params(fn) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_gpu_runner_is_the_mixin_over_vllms_v1_gpu_runner():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from vllm_backend.gpu_worker import BD3GPUModelRunner, BD3GPUWorker
+    from vllm_backend.runner import BD3RunnerMixin, BD3WorkerMixin
+
+    assert BD3GPUModelRunner.__mro__[1:3] == (BD3RunnerMixin, GPUModelRunner)
+    assert BD3GPUWorker.__mro__[1:3] == (BD3WorkerMixin, Worker)
+    assert BD3GPUWorker._make_model_runner is not Worker._make_model_runner
+
+
+def test_every_hook_the_mixin_overrides_exists_on_gpu_model_runner_with_the_same_signature():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+    from vllm.v1.worker.utils import AttentionGroup
+
+    from vllm_backend.runner import BD3RunnerMixin
+
+    own = {name: fn for name, fn in vars(BD3RunnerMixin).items() if inspect.isfunction(fn)}
+    hooks = {name for name in own if hasattr(GPUModelRunner, name)}
+    assert hooks == {"__init__", "execute_model", "_update_states", "_model_forward", "_sample",
+                     "_input_fits_in_drafter", "initialize_metadata_builders"}
+    for name in hooks:
+        assert _params(own[name]) == _params(getattr(GPUModelRunner, name)), name
+    # The wrapper around AttentionGroup.build_metadata passes the metadata first, the rest through.
+    assert [p[0] for p in _params(AttentionGroup.build_metadata)][:2] == ["self", "common_attn_metadata"]
+    assert _params(Worker._make_model_runner) == [("self", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                   inspect.Parameter.empty)]
+
+
+# ---- the GPU worker's runner factory, under a real engine config --------------------------------
+@pytest.fixture(scope="module")
+def l4_config():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_backend.plugin import register
+
+    register()
+    return EngineArgs(model=str(checkpoint_path(4)), max_model_len=128).create_engine_config()
+
+
+def test_gpu_worker_builds_the_bd3_runner_through_vllms_factory(l4_config, monkeypatch):
+    import vllm.v1.worker.gpu_worker as gw
+
+    import vllm_backend.gpu_worker as ours
+
+    class StubRunner:
+        def __init__(self, vllm_config, device):
+            self.args = (vllm_config, device)
+
+    monkeypatch.setattr(ours, "BD3GPUModelRunner", StubRunner)
+    monkeypatch.setattr(gw, "init_workspace_manager", lambda *a, **k: None)
+    worker = object.__new__(ours.BD3GPUWorker)
+    worker.vllm_config, worker.device, worker.rank, worker.use_v2_model_runner = l4_config, torch.device("cpu"), 1, False
+    worker._init_workspace_and_model_runner()  # vLLM's own code path from init_device to the factory
+    assert isinstance(worker.model_runner, StubRunner) and worker.model_runner.args == (l4_config, worker.device)
+    worker.use_v2_model_runner = True
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        worker._make_model_runner()
+
+
+def test_a_gpu_build_selects_the_v1_runner(l4_config, monkeypatch):
+    import vllm.config.vllm as config_module
+
+    monkeypatch.setattr(config_module, "HAS_TRITON", True)  # what a CUDA build has
+    assert "speculative method 'custom_class'" in l4_config._get_v2_model_runner_unsupported_features()
+    assert l4_config.use_v2_model_runner is False
+
+
+# ---- auto-configuration under a fake CUDA platform ----------------------------------------------
+CUDA = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: True, device_name="cuda")
+
+
+def _args(**kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(checkpoint_path(4)), **kw)
+
+
+@pytest.mark.parametrize("dtype, backend", [("auto", "TRITON_ATTN"), ("float32", "TRITON_ATTN"),
+                                            ("bfloat16", "FLASH_ATTN"), ("float16", "FLASH_ATTN")])
+def test_cuda_gets_the_gpu_worker_and_a_backend_for_the_dtype(dtype, backend):
+    from vllm_backend.autoconfig import apply
+
+    args = _args(dtype=dtype)
+    apply(args, CUDA)
+    assert args.worker_cls == "vllm_backend.gpu_worker.BD3GPUWorker" and args.attention_backend == backend
+    assert args.enforce_eager is True and args.enable_prefix_caching is False
+    explicit = _args(dtype="bfloat16", attention_backend="TRITON_ATTN")
+    apply(explicit, CUDA)
+    assert explicit.attention_backend == "TRITON_ATTN"  # a user's valid choice stands
+
+
+@pytest.mark.parametrize("kw, flag", [
+    (dict(attention_backend="FLASHINFER", dtype="bfloat16"), "--attention-backend FLASHINFER"),
+    (dict(attention_backend="FLEX_ATTENTION"), "--attention-backend FLEX_ATTENTION"),
+    (dict(attention_backend="FLASH_ATTN", dtype="float32"), "--attention-backend FLASH_ATTN"),
+    (dict(tensor_parallel_size=2), "--tensor-parallel-size 2"),
+    (dict(pipeline_parallel_size=2), "--pipeline-parallel-size 2"),
+    (dict(compilation_config={"cudagraph_mode": "FULL"}), "--compilation-config.cudagraph_mode FULL"),
+    (dict(compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}), "cudagraph_mode FULL_AND_PIECEWISE"),
+    (dict(worker_cls="vllm.v1.worker.gpu_worker.Worker"), "--worker-cls"),
+    (dict(enable_prefix_caching=True), "--enable-prefix-caching"),
+])
+def test_cuda_refusals_are_one_line_naming_the_flag(kw, flag):
+    from vllm_backend.autoconfig import BD3ConfigError, apply
+
+    with pytest.raises(BD3ConfigError) as info:
+        apply(_args(**kw), CUDA)
+    assert flag in str(info.value) and "\n" not in str(info.value)
+
+
+def test_model_runner_v2_and_other_platforms_are_refused(monkeypatch):
+    from vllm_backend.autoconfig import BD3ConfigError, apply
+
+    rocm = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: False, device_name="rocm")
+    with pytest.raises(BD3ConfigError, match="CPU and CUDA builds, not on rocm"):
+        apply(_args(), rocm)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(BD3ConfigError, match="^VLLM_USE_V2_MODEL_RUNNER=1: .*unset it or set it to 0$"):
+        apply(_args(), CUDA)
+
+
+def test_the_cpu_platform_keeps_the_cpu_worker_and_its_backend():
+    from vllm_backend.autoconfig import BD3ConfigError, apply
+
+    args = _args()
+    apply(args)  # vLLM's current platform: this CPU build
+    assert args.worker_cls == "vllm_backend.cpu_worker.BD3CPUWorker" and args.attention_backend is None
+    with pytest.raises(BD3ConfigError, match="--attention-backend TRITON_ATTN"):
+        apply(_args(attention_backend="TRITON_ATTN"))
+
+
+@pytest.mark.parametrize("kw, flag", [(dict(max_num_batched_tokens=3), "--max-num-batched-tokens 3"),
+                                      (dict(max_model_len=126), "--max-model-len 126")])
+def test_budgets_that_cannot_hold_whole_blocks_are_refused_at_start_up(kw, flag):
+    from vllm.usage.usage_lib import UsageContext
+
+    from vllm_backend.autoconfig import BD3ConfigError
+    from vllm_backend.plugin import register
+
+    register()
+    with pytest.raises(BD3ConfigError, match=flag):
+        _args(**kw).create_engine_config()  # vllm.LLM: the ValueError, raised in the caller's process
+    with pytest.raises(SystemExit) as info:  # vllm serve: one line and exit status 1
+        _args(**kw).create_engine_config(UsageContext.OPENAI_API_SERVER)
+    assert str(info.value).startswith(f"Error: {flag}") and "\n" not in str(info.value)
+    _args(max_num_batched_tokens=10, max_model_len=128).create_engine_config()  # 10 at L' = 4 is fine
+
+
+@pytest.mark.slow
+def test_vllm_serve_prints_one_line_for_a_refusal():
+    from pathlib import Path
+
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    r = subprocess.run([vllm, "serve", str(checkpoint_path(4)), "--tensor-parallel-size", "2"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: --tensor-parallel-size 2: BD3 checkpoints run on one")
+
+
+# ---- the split metadata against FlashAttention/Triton varlen semantics -----------------------------
+def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, causal: bool):
+    """Varlen attention over a paged cache as FlashAttention's `flash_attn_varlen_func` and vLLM's Triton
+    `unified_attention` define it: query i of sequence b is row cu_seqlens_q[b] + i; its keys are the first
+    seqused_k[b] slots of the pages block_table[b]; causal aligns the queries to the end of the keys
+    (query i sits at key position seqused_k[b] - q_len + i), non-causal sees all seqused_k[b] keys.
+    q (T, H, D), k_cache/v_cache (pages, page_size, H, D) -> (T, H, D)."""
+    out = torch.zeros_like(q)
+    page = k_cache.shape[1]
+    for b in range(len(seqused_k)):
+        lo, hi, n_k = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1]), int(seqused_k[b])
+        pages = block_table[b, : -(-n_k // page)]
+        k = k_cache[pages].flatten(0, 1)[:n_k]  # (n_k, H, D)
+        v = v_cache[pages].flatten(0, 1)[:n_k]
+        scores = torch.einsum("qhd,khd->hqk", q[lo:hi], k) / q.shape[-1] ** 0.5  # (H, q_len, n_k)
+        if causal:
+            q_pos = n_k - (hi - lo) + torch.arange(hi - lo)
+            scores = scores.masked_fill(torch.arange(n_k)[None, :] > q_pos[:, None], float("-inf"))
+        out[lo:hi] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out
+
+
+def dense_attention(q, k, v, allowed):
+    """q (T, H, D), k/v (S, H, D), allowed (T, S) bool -> (T, H, D)."""
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+
+def _scenario(block_size: int, seed: int = 0):
+    """Three requests in one step, their K/V already in a shuffled paged cache (page size 4): a chunked
+    prefill that starts mid-sequence, a block step at its end, and a short first prefill."""
+    g = torch.Generator().manual_seed(seed)
+    heads, dim, page = 2, 8, 4
+    computed, scheduled = [2 * block_size, 3 * block_size, 0], [3 * block_size, block_size, block_size - 1]
+    seq = [c + s for c, s in zip(computed, scheduled)]
+    n_pages = [-(-s // page) for s in seq]
+    ids = torch.randperm(sum(n_pages) + 3, generator=g)[: sum(n_pages)]
+    table = torch.full((3, max(n_pages)), -1, dtype=torch.long)
+    k_cache = torch.zeros(len(ids) + 3, page, heads, dim)
+    v_cache = torch.zeros_like(k_cache)
+    keys, values, taken = [], [], 0
+    for r, s in enumerate(seq):
+        table[r, : n_pages[r]] = ids[taken : taken + n_pages[r]]
+        taken += n_pages[r]
+        keys.append(torch.randn(s, heads, dim, generator=g))
+        values.append(torch.randn(s, heads, dim, generator=g))
+        for p in range(s):
+            k_cache[table[r, p // page], p % page], v_cache[table[r, p // page], p % page] = keys[r][p], values[r][p]
+    queries = [torch.randn(s, heads, dim, generator=g) for s in scheduled]
+    return computed, scheduled, seq, table, k_cache, v_cache, keys, values, queries
+
+
+def _metadata(computed, scheduled, seq, table, with_host_seq_lens: bool):
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    qsl = torch.tensor([0] + scheduled).cumsum(0).to(torch.int32)
+    positions = torch.cat([torch.arange(c, c + s) for c, s in zip(computed, scheduled)])
+    seq_lens = torch.tensor(seq, dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens, num_reqs=len(seq),
+        num_actual_tokens=int(qsl[-1]), max_query_len=max(scheduled), max_seq_len=max(seq), block_table_tensor=table,
+        slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.long), positions=positions,
+        seq_lens_cpu_upper_bound=seq_lens.clone() if with_host_seq_lens else None,
+        is_prefilling=torch.tensor([True, False, True]),
+        _num_computed_tokens_cache=torch.zeros(3, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_split_metadata_gives_block_causal_attention_under_varlen_paged_semantics(block_size):
+    from vllm_backend.runner import split_into_blocks
+
+    computed, scheduled, seq, table, k_cache, v_cache, keys, values, queries = _scenario(block_size)
+    q = torch.cat(queries)
+    cm = _metadata(computed, scheduled, seq, table, with_host_seq_lens=True)
+    # The reference itself: vLLM's own causal metadata gives causal attention.
+    causal = paged_attention(q, k_cache, v_cache, cm.query_start_loc_cpu, cm.seq_lens, table, causal=True)
+    split = split_into_blocks(cm, block_size)
+    assert split.causal is False
+    got = paged_attention(q, k_cache, v_cache, split.query_start_loc_cpu, split.seq_lens, split.block_table_tensor,
+                          causal=False)
+    for r in range(3):
+        rows = slice(sum(scheduled[:r]), sum(scheduled[: r + 1]))
+        q_pos = torch.arange(computed[r], seq[r])
+        tri = torch.arange(seq[r])[None, :] <= q_pos[:, None]
+        assert torch.allclose(causal[rows], dense_attention(queries[r], keys[r], values[r], tri), atol=1e-5)
+        # The core's mask, cut at what is in the cache this step: the query sees its whole block.
+        allowed = block_causal_mask(-(-seq[r] // block_size) * block_size, block_size)[q_pos][:, : seq[r]]
+        want = dense_attention(queries[r], keys[r], values[r], allowed)
+        assert torch.allclose(got[rows], want, atol=1e-5), (block_size, r)
+    if block_size > 1:
+        assert not torch.allclose(got, causal, atol=1e-3)  # the split changes what is seen
+
+
+def test_split_metadata_fields_are_consistent_and_need_no_device_read():
+    from vllm_backend.runner import split_into_blocks
+
+    computed, scheduled, seq, table, *_ = _scenario(4)
+    from_host = split_into_blocks(_metadata(computed, scheduled, seq, table, with_host_seq_lens=True), 4)
+    cm = _metadata(computed, scheduled, seq, table, with_host_seq_lens=False)
+    from_positions = split_into_blocks(cm, 4)
+    for field in ("query_start_loc_cpu", "seq_lens", "block_table_tensor", "is_prefilling"):
+        assert torch.equal(getattr(from_host, field), getattr(from_positions, field)), field
+    pieces = from_host.num_reqs
+    assert pieces == 3 + 1 + 1 and from_host.query_start_loc_cpu.tolist() == [0, 4, 8, 12, 16, 19]
+    assert torch.equal(from_host.seq_lens_cpu_upper_bound, from_host.seq_lens)
+    assert from_host._num_computed_tokens_cache is None and from_host._token_to_req_indices_cache is None
+    assert from_host.is_prefilling.tolist() == [True, True, True, False, True]
+    assert from_host.max_query_len == 4 and from_host.max_seq_len == max(seq)
+
+
+# ---- the scheduler's rounding to whole blocks ----------------------------------------------------------
+def test_whole_blocks_keeps_the_longest_chunk_that_ends_on_a_block_or_at_the_target():
+    from vllm_backend.engine import whole_blocks
+
+    size = 4
+    for computed in range(0, 24, size):
+        for target in range(computed + 1, computed + 13):
+            for new in range(0, target - computed + 1):
+                keep = whole_blocks(computed, new, target, size)
+                ok = [k for k in range(new + 1) if k == 0 or (computed + k) % size == 0 or computed + k == target]
+                assert keep == max(ok), (computed, new, target)
