@@ -340,3 +340,43 @@ def test_whole_blocks_keeps_the_longest_chunk_that_ends_on_a_block_or_at_the_tar
                 keep = whole_blocks(computed, new, target, size)
                 ok = [k for k in range(new + 1) if k == 0 or (computed + k) % size == 0 or computed + k == target]
                 assert keep == max(ok), (computed, new, target)
+
+
+# ---- the plugin is inert for other models --------------------------------------------------------------
+LLAMA = r"""
+import importlib.metadata as md, json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+if sys.argv[2] == "without":  # as if bd3-plugin were not installed: none of its entry points exist
+    everything = md.entry_points
+    def entry_points(**kw):
+        found = everything(**kw)
+        if "group" not in kw:
+            return found
+        return md.EntryPoints(e for e in found if not e.value.startswith("vllm_backend"))
+    md.entry_points = entry_points
+from vllm import LLM, ModelRegistry, SamplingParams
+from vllm.inputs import TokensPrompt
+llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="float32", max_model_len=64, seed=0, enforce_eager=True)
+prompts = [[1, 5, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7]]
+outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+print("RESULT " + json.dumps({"plugin": "BD3LM" in ModelRegistry.get_supported_archs(),
+                              "worker": llm.llm_engine.vllm_config.parallel_config.worker_cls,
+                              "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_stock_llama_gives_the_same_greedy_tokens_with_and_without_the_plugin(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+    llama.save_pretrained(tmp_path)  # random weights, head_dim 32
+    with_plugin = _run(LLAMA, str(tmp_path), "with", timeout=600)
+    without = _run(LLAMA, str(tmp_path), "without", timeout=600)
+    assert with_plugin["plugin"] and not without["plugin"]
+    assert with_plugin["worker"] == without["worker"] == "vllm.v1.worker.cpu_worker.CPUWorker"
+    assert with_plugin["tokens"] == without["tokens"] and len(set(map(tuple, without["tokens"]))) > 1
