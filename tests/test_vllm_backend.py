@@ -98,6 +98,6 @@ def test_plain_vllm_args_get_block_decoding(tmp_path):
     args = EngineArgs(model=str(checkpoint_path(4)))
     apply(args)
     assert args.speculative_config["num_speculative_tokens"] == 4 and args.enable_prefix_caching is False
-    assert args.worker_cls == "vllm_backend.engine.BD3Worker" and args.dtype == "float32"
-    with pytest.raises(ValueError, match="prefix caching is not supported"):
+    assert args.worker_cls == "vllm_backend.cpu_worker.BD3CPUWorker" and args.dtype == "float32"
+    with pytest.raises(ValueError, match="--enable-prefix-caching: not supported"):
         apply(EngineArgs(model=str(checkpoint_path(4)), enable_prefix_caching=True))

@@ -2,17 +2,21 @@
 
 - `MaskProposer` (speculative `custom_class`): after each step, every request gets the MASK placeholders
   that fill its current block up to the next multiple of L' (so blocks sit at absolute multiples of L').
-- `BD3Scheduler`: diffusion accounting (no token is sampled after prefill), and a request whose computed
-  tokens end inside a block (a prompt's tail) recomputes from the block's start: the tail sits clean in
-  the first noisy block, as in the core sampler.
-- `BD3Worker`: the CPU worker with `BD3ModelRunner` installed.
+- `BD3Scheduler`: diffusion accounting (no token is sampled after prefill); a request whose computed
+  tokens end inside a block (a prompt's tail) recomputes from the block's start, so the tail sits clean in
+  the first noisy block, as in the core sampler; and every chunk it schedules ends on a block boundary
+  (or at the end of what the request has), so no block is ever split across steps.
+- `engine_kwargs`: the engine arguments, naming the worker of the platform (`cpu_worker.BD3CPUWorker` or
+  `gpu_worker.BD3GPUWorker`) by string: vLLM imports it in the worker process only.
+
+This module is on the plugin's registration path: it must not import a vLLM worker or runner module.
 """
 from __future__ import annotations
 
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.worker import cpu_worker
 
-PKG = "vllm_backend.engine"
+PKG = "vllm_backend"
+WORKERS = {"cpu": f"{PKG}.cpu_worker.BD3CPUWorker", "cuda": f"{PKG}.gpu_worker.BD3GPUWorker"}
 
 
 def _bd3(vllm_config):
@@ -32,6 +36,16 @@ class MaskProposer:
                 for i in range(len(sampled_token_ids))]
 
 
+def whole_blocks(num_computed: int, num_new: int, target: int, block_size: int) -> int:
+    """How many of `num_new` scheduled tokens to keep so that the chunk ends on a multiple of
+    `block_size`, or exactly at `target` (everything the request has: its prompt end, or the end of its
+    block of masks). 0 when not even one whole block fits."""
+    end = num_computed + num_new
+    if end == target:
+        return num_new
+    return max(end - end % block_size - num_computed, 0)
+
+
 class BD3Scheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -45,33 +59,25 @@ class BD3Scheduler(Scheduler):
                 request.num_computed_tokens -= tail  # recompute the tail inside its block
         return super().schedule(*args, **kwargs)
 
-
-class BD3Worker(cpu_worker.CPUWorker):
-    def init_device(self) -> None:
-        from .runner import BD3ModelRunner
-
-        original = cpu_worker.CPUModelRunner
-        cpu_worker.CPUModelRunner = BD3ModelRunner
-        try:
-            super().init_device()
-        finally:
-            cpu_worker.CPUModelRunner = original
-
-    def bd3_forward_passes(self) -> int:
-        """Model passes so far (for `LLM.collective_rpc("bd3_forward_passes")`)."""
-        return self.model_runner.forward_passes
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        # vLLM's last say on every chunk size, for running and waiting (new or resumed) requests alike;
+        # its own cuts (token budget, long-prefill threshold) may end a chunk inside a block or schedule
+        # part of a block's masks: round those down to whole blocks.
+        num_new = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        return whole_blocks(num_computed_tokens, num_new, request.num_tokens_with_spec, self.block_size)
 
 
-def engine_kwargs(block_size: int) -> dict:
-    """The engine arguments that turn on block decoding (for `vllm.LLM(...)` or `vllm serve`)."""
+def engine_kwargs(block_size: int, device: str = "cpu") -> dict:
+    """The engine arguments that turn on block decoding (for `vllm.LLM(...)` or `vllm serve`) on a
+    platform ("cpu" or "cuda")."""
     return {
-        "speculative_config": {"method": "custom_class", "model": f"{PKG}.MaskProposer",
+        "speculative_config": {"method": "custom_class", "model": f"{PKG}.engine.MaskProposer",
                                "num_speculative_tokens": block_size},
-        "scheduler_cls": f"{PKG}.BD3Scheduler",
-        "worker_cls": f"{PKG}.BD3Worker",
+        "scheduler_cls": f"{PKG}.engine.BD3Scheduler",
+        "worker_cls": WORKERS[device],
         "enable_prefix_caching": False,
         "enforce_eager": True,
     }
 
 
-__all__ = ["BD3Scheduler", "BD3Worker", "MaskProposer", "engine_kwargs"]
+__all__ = ["BD3Scheduler", "MaskProposer", "engine_kwargs", "whole_blocks"]

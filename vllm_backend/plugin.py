@@ -1,5 +1,7 @@
 """vLLM general plugin: teaches transformers the bd3lm/mdlm config types and vLLM the BD3LM/MDLM
-architectures. vLLM calls `register` in every process (API server, engine core, workers); it is idempotent."""
+architectures. vLLM calls `register` in every process (API server, engine core, workers), for every model; it
+is idempotent, and it imports no vLLM worker or runner module (vLLM's CPU worker patches torch globals on
+import): the BD3 workers are named by string and loaded by vLLM only where a BD3 checkpoint runs."""
 from __future__ import annotations
 
 MODEL = "vllm_backend.model:BD3ForVLLM"

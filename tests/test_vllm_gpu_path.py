@@ -1,0 +1,259 @@
+"""What a CPU-only machine can check of the backend's GPU path: import hygiene of the plugin, the runner
+composition and its drift guard against vLLM's V1 GPUModelRunner, the GPU worker's runner factory, runner
+and attention-backend selection under a (faked) CUDA build, and that the plugin is inert for other models.
+The block-causal metadata is checked against FlashAttention/Triton semantics in test_vllm_block_metadata.py."""
+import inspect
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bd3_plugin.tinyworld.data import checkpoint_path
+
+HYGIENE = r"""
+import json, sys, torch
+before = (torch.cuda.Event, torch.cuda.Stream, torch.Tensor.pin_memory)
+import vllm.plugins
+vllm.plugins.load_general_plugins()
+from vllm import ModelRegistry
+from vllm.engine.arg_utils import EngineArgs
+import vllm_backend.autoconfig, vllm_backend.engine, vllm_backend.runner, vllm_backend.gpu_worker
+import vllm_backend.validate  # the logits-processor entry point, also loaded for every model
+config = EngineArgs(model=sys.argv[1], max_model_len=128).create_engine_config()  # the configuration path
+def state():
+    same = [a is b for a, b in zip(before, (torch.cuda.Event, torch.cuda.Stream, torch.Tensor.pin_memory))]
+    return {"cpu_modules": sorted(m for m in sys.modules if m.startswith("vllm.v1.worker.cpu")), "same": same}
+out = {"registered": "BD3LM" in ModelRegistry.get_supported_archs(), "worker": config.parallel_config.worker_cls,
+       "after_config": state()}
+import vllm_backend.cpu_worker as cw  # what vLLM does in a CPU worker process, and only there
+out["after_cpu_worker"] = state()
+out["cpu_mro"] = [c.__name__ for c in cw.BD3CPUModelRunner.__mro__[:4]]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run(code: str, *args: str, timeout: int = 300, env: dict | None = None) -> dict:
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_plugin_registration_and_configuration_leave_torch_and_the_cpu_worker_alone():
+    out = _run(HYGIENE, str(checkpoint_path(4)))
+    assert out["registered"] and out["worker"] == "vllm_backend.cpu_worker.BD3CPUWorker"
+    assert out["after_config"] == {"cpu_modules": [], "same": [True, True, True]}
+    # The probe can see the damage: vLLM's CPU worker module patches all three on import.
+    assert "vllm.v1.worker.cpu.shm" in out["after_cpu_worker"]["cpu_modules"]
+    assert out["after_cpu_worker"]["same"] == [False, False, False]
+    assert out["cpu_mro"] == ["BD3CPUModelRunner", "BD3RunnerMixin", "CPUModelRunner", "GPUModelRunner"]
+
+
+# ---- composition and drift guard ----------------------------------------------------------------
+def _params(fn) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_gpu_runner_is_the_mixin_over_vllms_v1_gpu_runner():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from vllm_backend.gpu_worker import BD3GPUModelRunner, BD3GPUWorker
+    from vllm_backend.runner import BD3RunnerMixin, BD3WorkerMixin
+
+    assert BD3GPUModelRunner.__mro__[1:3] == (BD3RunnerMixin, GPUModelRunner)
+    assert BD3GPUWorker.__mro__[1:3] == (BD3WorkerMixin, Worker)
+    assert BD3GPUWorker._make_model_runner is not Worker._make_model_runner
+
+
+def test_every_hook_the_mixin_overrides_exists_on_gpu_model_runner_with_the_same_signature():
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+    from vllm.v1.worker.utils import AttentionGroup
+
+    from vllm_backend.runner import BD3RunnerMixin
+
+    own = {name: fn for name, fn in vars(BD3RunnerMixin).items() if inspect.isfunction(fn)}
+    hooks = {name for name in own if hasattr(GPUModelRunner, name)}
+    assert hooks == {"__init__", "execute_model", "_update_states", "_model_forward", "_sample",
+                     "_input_fits_in_drafter", "initialize_metadata_builders"}
+    for name in hooks:
+        assert _params(own[name]) == _params(getattr(GPUModelRunner, name)), name
+    # The wrapper around AttentionGroup.build_metadata passes the metadata first, the rest through.
+    assert [p[0] for p in _params(AttentionGroup.build_metadata)][:2] == ["self", "common_attn_metadata"]
+    assert _params(Worker._make_model_runner) == [("self", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                   inspect.Parameter.empty)]
+
+
+# ---- the GPU worker's runner factory, under a real engine config --------------------------------
+@pytest.fixture(scope="module")
+def l4_config():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_backend.plugin import register
+
+    register()
+    return EngineArgs(model=str(checkpoint_path(4)), max_model_len=128).create_engine_config()
+
+
+def test_gpu_worker_builds_the_bd3_runner_through_vllms_factory(l4_config, monkeypatch):
+    import vllm.v1.worker.gpu_worker as gw
+
+    import vllm_backend.gpu_worker as ours
+
+    class StubRunner:
+        def __init__(self, vllm_config, device):
+            self.args = (vllm_config, device)
+
+    monkeypatch.setattr(ours, "BD3GPUModelRunner", StubRunner)
+    monkeypatch.setattr(gw, "init_workspace_manager", lambda *a, **k: None)
+    worker = object.__new__(ours.BD3GPUWorker)
+    worker.vllm_config, worker.device, worker.rank, worker.use_v2_model_runner = l4_config, torch.device("cpu"), 1, False
+    worker._init_workspace_and_model_runner()  # vLLM's own code path from init_device to the factory
+    assert isinstance(worker.model_runner, StubRunner) and worker.model_runner.args == (l4_config, worker.device)
+    worker.use_v2_model_runner = True
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        worker._make_model_runner()
+
+
+def test_a_gpu_build_selects_the_v1_runner(l4_config, monkeypatch):
+    import vllm.config.vllm as config_module
+
+    monkeypatch.setattr(config_module, "HAS_TRITON", True)  # what a CUDA build has
+    assert "speculative method 'custom_class'" in l4_config._get_v2_model_runner_unsupported_features()
+    assert l4_config.use_v2_model_runner is False
+
+
+# ---- auto-configuration under a fake CUDA platform ----------------------------------------------
+CUDA = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: True, device_name="cuda")
+
+
+def _args(**kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=str(checkpoint_path(4)), **kw)
+
+
+@pytest.mark.parametrize("dtype, backend", [("auto", "TRITON_ATTN"), ("float32", "TRITON_ATTN"),
+                                            ("bfloat16", "FLASH_ATTN"), ("float16", "FLASH_ATTN")])
+def test_cuda_gets_the_gpu_worker_and_a_backend_for_the_dtype(dtype, backend):
+    from vllm_backend.autoconfig import apply
+
+    args = _args(dtype=dtype)
+    apply(args, CUDA)
+    assert args.worker_cls == "vllm_backend.gpu_worker.BD3GPUWorker" and args.attention_backend == backend
+    assert args.enforce_eager is True and args.enable_prefix_caching is False
+    explicit = _args(dtype="bfloat16", attention_backend="TRITON_ATTN")
+    apply(explicit, CUDA)
+    assert explicit.attention_backend == "TRITON_ATTN"  # a user's valid choice stands
+
+
+@pytest.mark.parametrize("kw, flag", [
+    (dict(attention_backend="FLASHINFER", dtype="bfloat16"), "--attention-backend FLASHINFER"),
+    (dict(attention_backend="FLEX_ATTENTION"), "--attention-backend FLEX_ATTENTION"),
+    (dict(attention_backend="FLASH_ATTN", dtype="float32"), "--attention-backend FLASH_ATTN"),
+    (dict(tensor_parallel_size=2), "--tensor-parallel-size 2"),
+    (dict(pipeline_parallel_size=2), "--pipeline-parallel-size 2"),
+    (dict(compilation_config={"cudagraph_mode": "FULL"}), "--compilation-config.cudagraph_mode FULL"),
+    (dict(compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}), "cudagraph_mode FULL_AND_PIECEWISE"),
+    (dict(worker_cls="vllm.v1.worker.gpu_worker.Worker"), "--worker-cls"),
+    (dict(enable_prefix_caching=True), "--enable-prefix-caching"),
+])
+def test_cuda_refusals_are_one_line_naming_the_flag(kw, flag):
+    from vllm_backend.autoconfig import BD3ConfigError, apply
+
+    with pytest.raises(BD3ConfigError) as info:
+        apply(_args(**kw), CUDA)
+    assert flag in str(info.value) and "\n" not in str(info.value)
+
+
+def test_model_runner_v2_and_other_platforms_are_refused(monkeypatch):
+    from vllm_backend.autoconfig import BD3ConfigError, apply
+
+    rocm = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: False, device_name="rocm")
+    with pytest.raises(BD3ConfigError, match="CPU and CUDA builds, not on rocm"):
+        apply(_args(), rocm)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(BD3ConfigError, match="^VLLM_USE_V2_MODEL_RUNNER=1: .*unset it or set it to 0$"):
+        apply(_args(), CUDA)
+
+
+def test_the_cpu_platform_keeps_the_cpu_worker_and_its_backend():
+    from vllm_backend.autoconfig import BD3ConfigError, apply
+
+    args = _args()
+    apply(args)  # vLLM's current platform: this CPU build
+    assert args.worker_cls == "vllm_backend.cpu_worker.BD3CPUWorker" and args.attention_backend is None
+    with pytest.raises(BD3ConfigError, match="--attention-backend TRITON_ATTN"):
+        apply(_args(attention_backend="TRITON_ATTN"))
+
+
+@pytest.mark.parametrize("kw, flag", [(dict(max_num_batched_tokens=3), "--max-num-batched-tokens 3"),
+                                      (dict(max_model_len=126), "--max-model-len 126")])
+def test_budgets_that_cannot_hold_whole_blocks_are_refused_at_start_up(kw, flag):
+    from vllm.usage.usage_lib import UsageContext
+
+    from vllm_backend.autoconfig import BD3ConfigError
+    from vllm_backend.plugin import register
+
+    register()
+    with pytest.raises(BD3ConfigError, match=flag):
+        _args(**kw).create_engine_config()  # vllm.LLM: the ValueError, raised in the caller's process
+    with pytest.raises(SystemExit) as info:  # vllm serve: one line and exit status 1
+        _args(**kw).create_engine_config(UsageContext.OPENAI_API_SERVER)
+    assert str(info.value).startswith(f"Error: {flag}") and "\n" not in str(info.value)
+    _args(max_num_batched_tokens=10, max_model_len=128).create_engine_config()  # 10 at L' = 4 is fine
+
+
+@pytest.mark.slow
+def test_vllm_serve_prints_one_line_for_a_refusal():
+    from pathlib import Path
+
+    vllm = str(Path(sys.executable).with_name("vllm"))
+    r = subprocess.run([vllm, "serve", str(checkpoint_path(4)), "--tensor-parallel-size", "2"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: --tensor-parallel-size 2: BD3 checkpoints run on one")
+
+
+# ---- the plugin is inert for other models --------------------------------------------------------------
+LLAMA = r"""
+import importlib.metadata as md, json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+if sys.argv[2] == "without":  # as if bd3-plugin were not installed: none of its entry points exist
+    everything = md.entry_points
+    def entry_points(**kw):
+        found = everything(**kw)
+        if "group" not in kw:
+            return found
+        return md.EntryPoints(e for e in found if not e.value.startswith("vllm_backend"))
+    md.entry_points = entry_points
+from vllm import LLM, ModelRegistry, SamplingParams
+from vllm.inputs import TokensPrompt
+llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="float32", max_model_len=64, seed=0, enforce_eager=True)
+prompts = [[1, 5, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7]]
+outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+print("RESULT " + json.dumps({"plugin": "BD3LM" in ModelRegistry.get_supported_archs(),
+                              "worker": llm.llm_engine.vllm_config.parallel_config.worker_cls,
+                              "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_stock_llama_gives_the_same_greedy_tokens_with_and_without_the_plugin(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+    llama.save_pretrained(tmp_path)  # random weights, head_dim 32
+    with_plugin = _run(LLAMA, str(tmp_path), "with", timeout=600)
+    without = _run(LLAMA, str(tmp_path), "without", timeout=600)
+    assert with_plugin["plugin"] and not without["plugin"]
+    assert with_plugin["worker"] == without["worker"] == "vllm.v1.worker.cpu_worker.CPUWorker"
+    assert with_plugin["tokens"] == without["tokens"] and len(set(map(tuple, without["tokens"]))) > 1
