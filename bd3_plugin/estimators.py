@@ -141,6 +141,8 @@ def allocation(m: int, a: float, b: float, passes: int) -> tuple[tuple[tuple[int
     comb = [math.comb(m, k) for k in ks]
     if sum(comb) <= passes:
         return tuple(((k,), c) for k, c in zip(ks, comb))
+    if passes >= 2 and ks[-1] == m:  # the whole block masked first: it feeds the control variate
+        return (((m,), 1),) + _strata(tuple(ks[:-1]), m, a, b, passes - 1)
     return _strata(tuple(ks), m, a, b, passes)
 
 
@@ -190,7 +192,8 @@ def _random_subset(m: int, k: int, generator: torch.Generator) -> tuple[int, ...
 
 def block_plan(m: int, a: float, b: float, estimator: Estimator,
                generator: torch.Generator) -> list[tuple[tuple[int, ...], float]]:
-    """(subset of 0..m−1, coefficient) per pass for one block of m scored tokens."""
+    """(subset of 0..m−1, coefficient) per pass for one block of m scored tokens. A stratified plan that
+    starts with the whole block masked carries a control variate (`control_weights`)."""
     log_w = _log_weights(m, a, b)
     if estimator.name == "exact":
         return [(s, math.exp(log_w[k])) for k in _support(m, a, b) for s in combinations(range(m), k)]
@@ -215,14 +218,42 @@ def block_plan(m: int, a: float, b: float, estimator: Estimator,
     return out
 
 
+def uses_control(m: int, a: float, b: float, passes: int) -> bool:
+    """Whether a stratified plan of this block starts with its full mask (pass 0) and samples the rest."""
+    strata = allocation(m, a, b, passes)
+    return len(strata) > 1 and strata[0] == ((m,), 1) and exact_passes(m, a, b) > passes
+
+
+def control_weights(m: int, plan: list[tuple[tuple[int, ...], float]]) -> torch.Tensor:
+    """Per-token weights (m,) of g_i = −log p_θ(x_i | whole block masked), read off pass 0.
+
+    A sampled pass with coefficient c and subset S of size k gets the control variate
+    c·β·((k/m)·Σ_block g − Σ_S g), β = k/m: zero in expectation for any S uniform among k-subsets, so the
+    estimate stays unbiased, while a token that is hard with the whole block masked tends to be hard
+    with part of it masked, so the sum cancels most of the spread due to which tokens S happens to hold.
+    """
+    out = torch.zeros(m, dtype=torch.float64)
+    for subset, coef in plan[1:]:
+        beta = len(subset) / m
+        out += coef * beta * len(subset) / m
+        out[list(subset)] -= coef * beta
+    return out
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    masks: torch.Tensor  # (P, n) bool: the masked tokens of each pass
+    coefs: torch.Tensor  # (P, n) float64: the weight of each masked token's −log p_θ
+    control: torch.Tensor  # (n,) float64: the weight of each token's −log p_θ in pass 0 (its block fully masked)
+
+
 def row_plan(eligible: torch.Tensor, block_size: int, a: float, b: float, estimator: Estimator,
-             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks (P, n) bool and coefficients (P, n) float64 of one row's passes; `eligible` (n,) marks the
-    scored tokens. Pass j holds entry j of every block's plan, so P = the longest block plan."""
+             generator: torch.Generator) -> RowPlan:
+    """The passes of one row; `eligible` (n,) marks the scored tokens. Pass j holds entry j of every
+    block's plan, so the row has as many passes as its longest block plan."""
     name = estimator.name
-    pos = eligible.nonzero().flatten().tolist()
     blocks: dict[int, list[int]] = {}
-    for p in pos:
+    for p in eligible.nonzero().flatten().tolist():
         blocks.setdefault(p // block_size, []).append(p)
     need = max((exact_passes(len(ps), a, b) for ps in blocks.values()), default=0)
     if name == "exact" and need > estimator.passes:
@@ -231,13 +262,18 @@ def row_plan(eligible: torch.Tensor, block_size: int, a: float, b: float, estima
     if name == "auto":
         name = "exact" if need <= estimator.passes else "stratified"
     est = Estimator(name, estimator.passes)
-    plans = [[(tuple(ps[i] for i in s), c) for s, c in block_plan(len(ps), a, b, est, generator)]
-             for _, ps in sorted(blocks.items())]
+    n = eligible.numel()
+    plans, control = [], torch.zeros(n, dtype=torch.float64)
+    for _, ps in sorted(blocks.items()):
+        plan = block_plan(len(ps), a, b, est, generator)
+        if name == "stratified" and uses_control(len(ps), a, b, est.passes):
+            control[ps] = control_weights(len(ps), plan)
+        plans.append([(tuple(ps[i] for i in s), c) for s, c in plan])
     n_pass = max((len(p) for p in plans), default=0)
-    masks = torch.zeros(n_pass, eligible.numel(), dtype=torch.bool)
-    coefs = torch.zeros(n_pass, eligible.numel(), dtype=torch.float64)
+    masks = torch.zeros(n_pass, n, dtype=torch.bool)
+    coefs = torch.zeros(n_pass, n, dtype=torch.float64)
     for plan in plans:
         for j, (positions, coef) in enumerate(plan):
             masks[j, list(positions)] = True
             coefs[j, list(positions)] = coef
-    return masks, coefs
+    return RowPlan(masks, coefs, control)

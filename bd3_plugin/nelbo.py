@@ -125,16 +125,20 @@ def nelbo_planned(model: BD3LM, x_0: torch.Tensor, generators: Generators, estim
     valid, eligible = _scored(x_0, valid, eligible, cfg.model_length)
     plans = [row_plan(eligible[r].cpu(), cfg.block_size, eps_min, eps_max, estimator, gen)
              for r, gen in enumerate(per_row(generators, x_0.shape[0]))]
-    owner = torch.cat([torch.full((m.shape[0],), r) for r, (m, _) in enumerate(plans)])  # (P_total,)
-    masks = torch.cat([m for m, _ in plans]).to(x_0.device)  # (P_total, L)
-    coefs = torch.cat([c for _, c in plans]).to(x_0.device)
+    owner = torch.cat([torch.full((p.masks.shape[0],), r) for r, p in enumerate(plans)])  # (P_total,)
+    first = torch.cumsum(torch.tensor([0] + [p.masks.shape[0] for p in plans[:-1]]), 0)  # each row's pass 0
+    masks = torch.cat([p.masks for p in plans]).to(x_0.device)  # (P_total, L)
+    coefs = torch.cat([p.coefs for p in plans]).to(x_0.device)
     forward = noisy_logits_vectorized if vectorized else noisy_logits_per_block
-    out = torch.zeros(x_0.shape, dtype=torch.float64, device=x_0.device)
+    nll = torch.zeros(masks.shape, dtype=torch.float64, device=x_0.device)  # masked tokens' −log p_θ per pass
     for start in range(0, owner.numel(), max_rows):
         rows = owner[start : start + max_rows].to(x_0.device)
         x0 = x_0[rows]
         x_t = torch.where(masks[start : start + max_rows], torch.full_like(x0, cfg.mask_id), x0)
         logp = subs_log_probs(forward(model, x_t, x0, valid[rows]), x_t, cfg.mask_id)
-        nll = -logp.gather(-1, x0[..., None]).squeeze(-1).double()  # (rows, L)
-        out.index_add_(0, rows, torch.where(x_t == cfg.mask_id, coefs[start : start + max_rows] * nll, 0.0))
-    return out
+        nll[start : start + max_rows] = -logp.gather(-1, x0[..., None]).squeeze(-1).double()  # (rows, L)
+    nll = torch.where(masks, nll, 0.0)
+    out = torch.zeros(x_0.shape, dtype=torch.float64, device=x_0.device)
+    out.index_add_(0, owner.to(x_0.device), coefs * nll)
+    control = torch.stack([p.control for p in plans]).to(x_0.device)  # (B, L)
+    return out + control * nll[first.to(x_0.device)]

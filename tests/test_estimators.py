@@ -89,8 +89,7 @@ def test_exact_needs_the_passes_it_enumerates():
     x[1:12] = True
     with pytest.raises(ValueError, match="exact needs 15 passes for a block of 4 scored tokens"):
         row_plan(x, 4, 1e-3, 1.0, Estimator("exact", 14), torch.Generator())
-    masks, _ = row_plan(x, 4, 1e-3, 1.0, Estimator("auto", 14), torch.Generator())
-    assert masks.shape[0] == 14  # auto falls back to stratified within the budget
+    assert row_plan(x, 4, 1e-3, 1.0, Estimator("auto", 14), torch.Generator()).masks.shape[0] == 14  # auto falls back to stratified within the budget
 
 
 @pytest.mark.parametrize("name,passes", [("stratified", 4), ("stratified", 2), ("mc", 1)])
@@ -118,10 +117,10 @@ def test_stratified_uses_the_budget_and_enumerates_what_fits():
         assert sorted(k for counts, _ in strata for k in counts) == list(range(1, m + 1))  # each k once
         assert sum(n for _, n in strata) == min(passes, 2 ** m - 1)
     x = torch.tensor([False] + [True] * 11)
-    masks, coefs = row_plan(x, 4, 1e-3, 1.0, Estimator("stratified", 15), torch.Generator().manual_seed(0))
-    exact_masks, exact_coefs = row_plan(x, 4, 1e-3, 1.0, Estimator("exact", 15), torch.Generator())
-    key = lambda mc: sorted(zip(map(tuple, mc[0].tolist()), map(tuple, mc[1].tolist())))  # noqa: E731
-    assert len(masks) == 15 and key((masks, coefs)) == key((exact_masks, exact_coefs))
+    strat = row_plan(x, 4, 1e-3, 1.0, Estimator("stratified", 15), torch.Generator().manual_seed(0))
+    exact = row_plan(x, 4, 1e-3, 1.0, Estimator("exact", 15), torch.Generator())
+    key = lambda p: sorted(zip(map(tuple, p.masks.tolist()), map(tuple, p.coefs.tolist())))  # noqa: E731
+    assert len(strat.masks) == 15 and key(strat) == key(exact) and not strat.control.any()
 
 
 def test_block_size_one_is_the_exact_ar_loglikelihood():

@@ -149,7 +149,7 @@ def test_the_default_estimator_plans_passes_within_the_budget(lm16, monkeypatch)
     monkeypatch.setattr(nelbo, "row_plan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
     pairs = [("", d.text + " <eos>") for d in HELDOUT_DOCS[:6]]
     got = lm16.loglikelihood(ll_requests(pairs), disable_tqdm=True)
-    assert len(plans) == 6 and all(0 < masks.shape[0] <= 16 for masks, _ in plans)
+    assert len(plans) == 6 and all(0 < p.masks.shape[0] <= 16 for p in plans)
     again = lm16.loglikelihood(ll_requests(pairs[3:4] + pairs[:3][::-1]), disable_tqdm=True)
     assert again[0] == got[3] and again[1:] == got[:3][::-1]
 
@@ -166,6 +166,6 @@ def test_choices_of_one_context_share_their_draws(lm16, monkeypatch):
     monkeypatch.setattr(nelbo, "row_plan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
     got = lm16.loglikelihood(ll_requests([("a ship", " " + a), ("a ship", " " + b), ("the owl", " " + a),
                                           ("a ship", " " + a)]), disable_tqdm=True)
-    first, second, other, again = (m for m, _ in plans)  # requests of equal length keep their order
+    first, second, other, again = (p.masks for p in plans)  # requests of equal length keep their order
     assert torch.equal(first, second) and torch.equal(first, again) and not torch.equal(first, other)
     assert got[0] == got[3] and got[0] != got[1]
