@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text to score (default: the bundled held-out documents of the synthetic language, "
                             "reported next to their exact NLL)")
     nelbo.add_argument("--lines", action="store_true", help="each non-empty line is a document ending in EOS")
-    nelbo.add_argument("--mc-samples", type=int, default=1, help="Monte Carlo samples of t (default 1)")
+    nelbo.add_argument("--estimator", default=None,
+                       help="auto (default), exact, stratified or mc: how the bound's expectation is computed")
+    nelbo.add_argument("--passes", type=int, default=None, help="the most 2L passes per window (default 16)")
+    nelbo.add_argument("--mc-samples", type=int, default=None,
+                       help="Monte Carlo samples of t: the same as --estimator mc --passes K, with a standard error")
     nelbo.add_argument("--seed", type=int, default=0)
     nelbo.add_argument("--batch-size", type=int, default=8)
     nelbo.add_argument("--json", action="store_true")
@@ -131,9 +135,11 @@ def cmd_info(args) -> dict:
 
 
 def cmd_nelbo(args) -> dict:
-    from .scoring import report, score_documents
+    from .estimators import check_fits, resolve
+    from .scoring import eval_interval, report, score_documents
     from .tinyworld.data import HELDOUT, read_heldout, true_nll_per_token
 
+    estimator = resolve(args.estimator, args.passes, args.mc_samples)
     truth = None
     if args.text_file is None:
         heldout = read_heldout(HELDOUT)
@@ -146,18 +152,21 @@ def cmd_nelbo(args) -> dict:
         if not "".join(texts).strip():
             raise UsageError(f"{args.text_file} is empty")
     ckpt = _load(args)
+    check_fits(estimator, ckpt.model.config.block_size, *eval_interval(ckpt.model))
     eos = [ckpt.eos_id] if lines and ckpt.eos_id is not None else []
     docs = [ckpt.encode(t) + eos for t in texts]
-    per_doc = score_documents(ckpt.model, docs, bos_id=ckpt.tokenizer.bos_token_id, mc_samples=args.mc_samples,
+    per_doc = score_documents(ckpt.model, docs, bos_id=ckpt.tokenizer.bos_token_id, estimator=estimator,
                               seed=args.seed, batch_size=args.batch_size, progress=not args.json)
-    rep = report(per_doc, sum(len(d) for d in docs))
+    rep = report(per_doc, sum(len(d) for d in docs), estimator)
     out = rep.as_dict() | {"documents": len(docs), "block_size": ckpt.config.block_size}
     if truth is not None:
         out |= {"true_nll_per_token": truth, "true_ppl": math.exp(truth)}
     if not args.json:
         err = f" ± {rep.mc_stderr:.4f}" if rep.mc_stderr is not None else ""
+        how = (f"{rep.mc_samples} MC sample(s)" if estimator.name == "mc"
+               else f"estimator {estimator.name}, ≤ {estimator.passes} passes")
         print(f"{len(docs)} documents, {rep.tokens} tokens  NLL bound {rep.nll_per_token:.4f}{err} nats/token  "
-              f"perplexity ≤ {rep.ppl_bound:.3f}  ({rep.mc_samples} MC sample(s), L'={ckpt.config.block_size})")
+              f"perplexity ≤ {rep.ppl_bound:.3f}  ({how}, L'={ckpt.config.block_size})")
         if truth is not None:
             print(f"exact NLL of the source {truth:.4f} nats/token  perplexity {math.exp(truth):.3f}")
     return out

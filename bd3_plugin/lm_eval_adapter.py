@@ -1,6 +1,6 @@
 """lm-eval model type `bd3`: likelihoods are diffusion likelihood bounds, generation is the block sampler.
 
-    lm_eval --model bd3 --model_args pretrained=PATH_OR_HUB_ID,mc_samples=8 --tasks ...
+    lm_eval --model bd3 --model_args pretrained=PATH_OR_HUB_ID,estimator=auto,passes=16 --tasks ...
 
 The only module of bd3_plugin that imports lm_eval. Tokenisation is lm-eval's `TemplateLM` (that of the
 `hf` model), so scores line up with autoregressive baselines.
@@ -19,9 +19,10 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
+from .estimators import Estimator, check_fits, resolve
 from .generate import SamplerConfig, generate
 from .noise import seeded_generators
-from .scoring import content_seed, greedy_windows, score_windows, windows
+from .scoring import content_seed, eval_interval, greedy_windows, score_windows, windows
 from .zeroshot import PROTOCOLS, ScoredLoglikelihood, rolling_windows
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ class AdapterArgs:
 
     pretrained: str
     block_size: int | None = None
-    mc_samples: int = 1
+    estimator: str | None = None  # auto, exact, stratified or mc (default: estimators.DEFAULT)
+    passes: int | None = None  # the most 2L passes per request (default: estimators.DEFAULT)
+    mc_samples: int | None = None  # = estimator=mc,passes=K
     seed: int = 1234
     batch_size: int = 16
     device: str = "cpu"
@@ -54,15 +57,25 @@ class AdapterArgs:
     protocol: str = "auto"  # loglikelihood_rolling: rows | documents | auto (see zeroshot.py)
 
     def __post_init__(self) -> None:
-        for name in ("mc_samples", "batch_size", "max_gen_toks"):
+        for name in ("mc_samples", "passes", "batch_size", "max_gen_toks"):
             value = getattr(self, name)
+            if value is None and name in ("mc_samples", "passes"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise BD3ArgsError(f"bd3 model_args: {name} must be a positive integer, got {value!r}")
+        try:
+            self.scorer
+        except ValueError as err:
+            raise BD3ArgsError(f"bd3 model_args: {err}") from None
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise BD3ArgsError(f"bd3 model_args: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.protocol not in PROTOCOLS:
             raise BD3ArgsError(f"bd3 model_args: protocol must be one of {', '.join(PROTOCOLS)}, "
                                f"got {self.protocol!r}")
+
+    @property
+    def scorer(self) -> Estimator:
+        return resolve(self.estimator, self.passes, self.mc_samples)
 
     @classmethod
     def parse(cls, kwargs: dict) -> "AdapterArgs":
@@ -79,7 +92,7 @@ class AdapterArgs:
             raise BD3ArgsError("bd3 model_args: pretrained=PATH_OR_HUB_ID is required")
         if str(kwargs.get("batch_size", "")).startswith("auto"):
             kwargs.pop("batch_size")  # a fixed default; the model is small next to its activations
-        for key in ("batch_size", "mc_samples", "max_gen_toks", "block_size", "steps", "seed", "top_k"):
+        for key in ("batch_size", "mc_samples", "passes", "max_gen_toks", "block_size", "steps", "seed", "top_k"):
             if isinstance(kwargs.get(key), str) and kwargs[key].isdigit():
                 kwargs[key] = int(kwargs[key])
         kwargs["pretrained"] = str(kwargs["pretrained"])
@@ -111,6 +124,7 @@ class BD3EvalLM(TemplateLM):
                 warnings.warn(f"scoring with block_size {args.block_size}; the checkpoint was trained with "
                               f"{self.ckpt.config.block_size}", stacklevel=2)
                 self.ckpt.model.config = cfg
+            check_fits(args.scorer, self.ckpt.model.config.block_size, *eval_interval(self.ckpt.model))
             SamplerConfig(algorithm=args.algorithm, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, steps=args.steps, threshold=args.threshold)  # validates the sampler settings
         except (ValueError, OSError) as err:
@@ -141,9 +155,10 @@ class BD3EvalLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     # ---- likelihoods --------------------------------------------------------------------------
-    def _score(self, wins, n_requests: int) -> tuple[list[float], list[bool]]:
-        """Per-request log-likelihood lower bounds (−mean NELBO over MC samples) and greedy flags."""
-        totals = score_windows(self.model, wins, mc_samples=self.args.mc_samples, seed=self.args.seed,
+    def _score(self, wins, n_requests: int, seeds: list[int] | None = None) -> tuple[list[float], list[bool]]:
+        """Per-request log-likelihood lower bounds (−NELBO, the mean over MC samples for `mc`) and greedy
+        flags. `seeds`: one per window (default: a hash of the window's tokens)."""
+        totals = score_windows(self.model, wins, estimator=self.args.scorer, seed=self.args.seed, seeds=seeds,
                                batch_size=self.args.batch_size)
         greedy = (greedy_windows(self.model, wins, batch_size=self.args.batch_size) if self.args.greedy_check
                   else [False] * len(wins))
@@ -162,14 +177,18 @@ class BD3EvalLM(TemplateLM):
         bar = tqdm(total=len(requests), desc="bd3 loglikelihood", disable=disable_tqdm)
         for start in range(0, len(order), _CHUNK):
             chunk = order[start : start + _CHUNK]
-            wins = []
+            wins, seeds = [], []
             for j, i in enumerate(chunk):
                 _, ctx_ids, cont_ids = requests[i]
                 request_wins = windows(ctx_ids + cont_ids, len(ctx_ids), self.max_length, doc=j)
                 if request_wins[0].first < len(ctx_ids):  # the first window starts inside the context
                     self._note_truncation()
                 wins += request_wins
-            ll, greedy = self._score(wins, len(chunk))
+                # Common random numbers: the continuations of one context share their draws (seeded from
+                # the context the first window keeps), so choices differ by the model, not by the noise.
+                kept = tuple(request_wins[0].ids[: request_wins[0].first])
+                seeds += [content_seed(self.args.seed, "context", kept, k) for k in range(len(request_wins))]
+            ll, greedy = self._score(wins, len(chunk), seeds)
             for j, i in enumerate(chunk):
                 results[i] = (ll[j], greedy[j])
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])

@@ -1,8 +1,9 @@
 """The block-diffusion NELBO (spec §3): an upper bound on −log p(x), one term per token.
 
-`nelbo_terms` returns, per token, the Monte Carlo estimate of its contribution to the bound, so that a
-caller can score a continuation given a clean context (context tokens are simply not eligible for noise:
-they stay clean and contribute 0). Summing the terms over a sequence gives its NELBO in nats.
+`nelbo_terms` returns, per token, an estimate of its contribution to the bound, so that a caller can
+score a continuation given a clean context (context tokens are simply not eligible for noise: they stay
+clean and contribute 0). Summing the terms over a sequence gives its NELBO in nats. The estimator is
+Monte Carlo over t (`nelbo_samples`) or a plan of mask subsets (`estimators.py`, `nelbo_planned`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .estimators import Estimator, row_plan
 from .model import BD3LM
 from .noise import Generators, mask_tokens, per_row, sample_t, subs_log_probs
 
@@ -66,9 +68,29 @@ def noisy_logits_per_block(model: BD3LM, x_t: torch.Tensor, x_0: torch.Tensor, v
     return torch.cat(out, dim=1)
 
 
-def nelbo_terms(model: BD3LM, x_0: torch.Tensor, generators: Generators, **kwargs) -> torch.Tensor:
-    """Per-token NELBO contributions (B, L), averaged over the Monte Carlo draws of `nelbo_samples`."""
-    return nelbo_samples(model, x_0, generators, **kwargs).mean(dim=1)
+def nelbo_terms(model: BD3LM, x_0: torch.Tensor, generators: Generators, *, estimator: Estimator | None = None,
+                **kwargs) -> torch.Tensor:
+    """Per-token NELBO contributions (B, L). Without an estimator, or with `mc`: the mean over the Monte
+    Carlo draws of `nelbo_samples` (`samples`, or the estimator's passes); otherwise `nelbo_planned`."""
+    if estimator is not None and estimator.name == "mc":
+        if kwargs.get("samples", 1) != 1:
+            raise ValueError("give the mc samples once: samples= or the estimator's passes, not both")
+        kwargs["samples"] = estimator.passes
+    if estimator is None or estimator.name == "mc":
+        return nelbo_samples(model, x_0, generators, **kwargs).mean(dim=1)
+    if "samples" in kwargs or "antithetic" in kwargs:
+        raise ValueError(f"samples/antithetic belong to the mc estimator, not {estimator.name}")
+    return nelbo_planned(model, x_0, generators, estimator, **kwargs)
+
+
+def _scored(x_0: torch.Tensor, valid: torch.Tensor | None, eligible: torch.Tensor | None, model_length: int):
+    if x_0.shape[1] > model_length:
+        raise ValueError(f"sequence length {x_0.shape[1]} exceeds model_length {model_length}")
+    valid = torch.ones_like(x_0, dtype=torch.bool) if valid is None else valid
+    if eligible is None:
+        eligible = valid.clone()
+        eligible[:, 0] = False
+    return valid, eligible & valid
 
 
 def nelbo_samples(model: BD3LM, x_0: torch.Tensor, generators: Generators, *, eligible: torch.Tensor | None = None,
@@ -80,13 +102,7 @@ def nelbo_samples(model: BD3LM, x_0: torch.Tensor, generators: Generators, *, el
     marks the tokens being scored (default: every valid token but the first, as `ignore_bos` does).
     """
     cfg = model.config
-    if x_0.shape[1] > cfg.model_length:
-        raise ValueError(f"sequence length {x_0.shape[1]} exceeds model_length {cfg.model_length}")
-    valid = torch.ones_like(x_0, dtype=torch.bool) if valid is None else valid
-    if eligible is None:
-        eligible = valid.clone()
-        eligible[:, 0] = False
-    eligible = eligible & valid
+    valid, eligible = _scored(x_0, valid, eligible, cfg.model_length)
     draw = draw_noise(x_0, eligible, cfg.block_size, cfg.mask_id, generators, samples=samples,
                       eps_min=eps_min, eps_max=eps_max, antithetic=antithetic, lengths=valid.sum(1).tolist())
     x0_rep = x_0.repeat_interleave(samples, dim=0)
@@ -95,3 +111,34 @@ def nelbo_samples(model: BD3LM, x_0: torch.Tensor, generators: Generators, *, el
     logits = forward(model, draw.x_t, x0_rep, valid_rep)
     terms = terms_from_logits(logits, draw, x0_rep, cfg.mask_id)  # (B·samples, L)
     return terms.view(x_0.shape[0], samples, -1)
+
+
+def nelbo_planned(model: BD3LM, x_0: torch.Tensor, generators: Generators, estimator: Estimator, *,
+                  eligible: torch.Tensor | None = None, valid: torch.Tensor | None = None, eps_min: float = 1e-3,
+                  eps_max: float = 1.0, vectorized: bool = True, max_rows: int = 64) -> torch.Tensor:
+    """Per-token NELBO contributions (B, L) float64 under an `exact`, `stratified` or `auto` plan.
+
+    Each row plans its passes from its own generator and its own scored tokens, so its estimate does not
+    depend on the batch; the passes of all rows are then run `max_rows` at a time.
+    """
+    cfg = model.config
+    valid, eligible = _scored(x_0, valid, eligible, cfg.model_length)
+    plans = [row_plan(eligible[r].cpu(), cfg.block_size, eps_min, eps_max, estimator, gen)
+             for r, gen in enumerate(per_row(generators, x_0.shape[0]))]
+    owner = torch.cat([torch.full((p.masks.shape[0],), r) for r, p in enumerate(plans)])  # (P_total,)
+    first = torch.cumsum(torch.tensor([0] + [p.masks.shape[0] for p in plans[:-1]]), 0)  # each row's pass 0
+    masks = torch.cat([p.masks for p in plans]).to(x_0.device)  # (P_total, L)
+    coefs = torch.cat([p.coefs for p in plans]).to(x_0.device)
+    forward = noisy_logits_vectorized if vectorized else noisy_logits_per_block
+    nll = torch.zeros(masks.shape, dtype=torch.float64, device=x_0.device)  # masked tokens' −log p_θ per pass
+    for start in range(0, owner.numel(), max_rows):
+        rows = owner[start : start + max_rows].to(x_0.device)
+        x0 = x_0[rows]
+        x_t = torch.where(masks[start : start + max_rows], torch.full_like(x0, cfg.mask_id), x0)
+        logp = subs_log_probs(forward(model, x_t, x0, valid[rows]), x_t, cfg.mask_id)
+        nll[start : start + max_rows] = -logp.gather(-1, x0[..., None]).squeeze(-1).double()  # (rows, L)
+    nll = torch.where(masks, nll, 0.0)
+    out = torch.zeros(x_0.shape, dtype=torch.float64, device=x_0.device)
+    out.index_add_(0, owner.to(x_0.device), coefs * nll)
+    control = torch.stack([p.control for p in plans]).to(x_0.device)  # (B, L)
+    return out + control * nll[first.to(x_0.device)]

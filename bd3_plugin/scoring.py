@@ -1,4 +1,4 @@
-"""NELBO of whole documents: rolling windows, per-document bounds, Monte Carlo spread.
+"""NELBO of whole documents: rolling windows, per-document bounds, the estimator's spread.
 
 A document longer than the model is scored in windows of model_length tokens: each window after the
 first re-reads up to half a window of the preceding text as clean context and scores only its new
@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .estimators import Estimator
 from .model import BD3LM
-from .nelbo import nelbo_samples
+from .nelbo import nelbo_planned, nelbo_samples
 from .noise import seeded_generators
 
 
@@ -30,8 +31,9 @@ class NelboReport:
     tokens: int  # tokens scored
     nll_per_token: float  # NELBO / tokens, nats (an upper bound on the NLL)
     ppl_bound: float  # exp(nll_per_token)
-    mc_samples: int
-    mc_stderr: float | None  # standard error of nll_per_token across Monte Carlo samples (K > 1)
+    mc_samples: int  # independent estimates pooled (the Monte Carlo samples of `mc`; 1 otherwise)
+    mc_stderr: float | None  # standard error of nll_per_token across them (K > 1)
+    estimator: str = "mc"  # name/passes, e.g. "auto/16"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -77,18 +79,43 @@ def eval_interval(model: BD3LM) -> tuple[float, float]:
     return (1.0, 1.0) if model.config.block_size == 1 else (1e-3, 1.0)
 
 
-@torch.no_grad()
-def score_windows(model: BD3LM, wins: list[Window], *, mc_samples: int = 1, seed: int = 0, batch_size: int = 8,
-                  progress: bool = False) -> torch.Tensor:
-    """Bound totals (W, K) in nats for each window and Monte Carlo sample. Windows are batched by length."""
+def window_estimator(mc_samples: int | None, estimator: Estimator | None) -> Estimator:
+    """The scoring functions' estimator: `estimator`, or `mc` with `mc_samples` (default 1); not both."""
+    if estimator is not None:
+        if mc_samples is not None:
+            raise ValueError("give mc_samples or an estimator, not both")
+        return estimator
+    mc_samples = 1 if mc_samples is None else mc_samples
     if mc_samples < 1:
         raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+    return Estimator("mc", mc_samples)
+
+
+def columns(estimator: Estimator) -> int:
+    """Estimates per window: one per Monte Carlo sample for `mc`, one otherwise."""
+    return estimator.passes if estimator.name == "mc" else 1
+
+
+@torch.no_grad()
+def score_windows(model: BD3LM, wins: list[Window], *, mc_samples: int | None = None,
+                  estimator: Estimator | None = None, seed: int = 0, seeds: list[int] | None = None,
+                  batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """Bound totals (W, K) in nats for each window and Monte Carlo sample (K = 1 for planned estimators).
+
+    Windows are batched by length. Each window's noise comes from its own seed: `seeds`, or a hash of its
+    content (`window_seed`)."""
+    est = window_estimator(mc_samples, estimator)
     eps_min, eps_max = eval_interval(model)
-    totals = torch.zeros(len(wins), mc_samples, dtype=torch.float64)
+    seeds = [window_seed(seed, w) for w in wins] if seeds is None else seeds
+    totals = torch.zeros(len(wins), columns(est), dtype=torch.float64)
     for idx, (x, valid, eligible) in _batches(wins, batch_size, model.device, progress, "nelbo"):
-        gens = seeded_generators([window_seed(seed, wins[i]) for i in idx])
-        terms = nelbo_samples(model, x, gens, eligible=eligible, valid=valid, samples=mc_samples,
-                              eps_min=eps_min, eps_max=eps_max)  # (b, K, n)
+        gens = seeded_generators([seeds[i] for i in idx])
+        if est.name == "mc":
+            terms = nelbo_samples(model, x, gens, eligible=eligible, valid=valid, samples=est.passes,
+                                  eps_min=eps_min, eps_max=eps_max)  # (b, K, n)
+        else:
+            terms = nelbo_planned(model, x, gens, est, eligible=eligible, valid=valid, eps_min=eps_min,
+                                  eps_max=eps_max)[:, None]  # (b, 1, n)
         totals[idx] = terms.double().sum(dim=2).cpu()
     return totals
 
@@ -131,23 +158,26 @@ def _batches(wins: list[Window], batch_size: int, device, progress: bool, desc: 
         yield idx, (x.to(device), valid.to(device), eligible.to(device))
 
 
-def score_documents(model: BD3LM, docs: list[list[int]], *, bos_id: int | None, mc_samples: int = 1,
-                    seed: int = 0, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """Per-document bound totals (D, K) in nats, one column per Monte Carlo sample."""
+def score_documents(model: BD3LM, docs: list[list[int]], *, bos_id: int | None, mc_samples: int | None = None,
+                    estimator: Estimator | None = None, seed: int = 0, batch_size: int = 8,
+                    progress: bool = False) -> torch.Tensor:
+    """Per-document bound totals (D, K) in nats, one column per Monte Carlo sample (K = 1 for planned
+    estimators)."""
     if not docs or any(len(d) == 0 for d in docs):
         raise ValueError("nothing to score: a document has no tokens")
+    est = window_estimator(mc_samples, estimator)
     wins = [w for i, d in enumerate(docs) for w in document_windows(d, model.config.model_length, bos_id, i)]
-    per_window = score_windows(model, wins, mc_samples=mc_samples, seed=seed, batch_size=batch_size,
-                               progress=progress)
-    per_doc = torch.zeros(len(docs), mc_samples, dtype=torch.float64)
+    per_window = score_windows(model, wins, estimator=est, seed=seed, batch_size=batch_size, progress=progress)
+    per_doc = torch.zeros(len(docs), columns(est), dtype=torch.float64)
     per_doc.index_add_(0, torch.tensor([w.doc for w in wins]), per_window)
     return per_doc
 
 
-def report(per_doc: torch.Tensor, tokens: int) -> NelboReport:
+def report(per_doc: torch.Tensor, tokens: int, estimator: Estimator | None = None) -> NelboReport:
     """Pool per-document totals (D, K) into a bound per token."""
     per_sample = per_doc.sum(dim=0) / tokens  # (K,)
     k = per_sample.numel()
     nll = float(per_sample.mean())
     stderr = float(per_sample.std() / math.sqrt(k)) if k > 1 else None
-    return NelboReport(tokens, nll, math.exp(nll), k, stderr)
+    name = str(estimator) if estimator is not None else f"mc/{k}"
+    return NelboReport(tokens, nll, math.exp(nll), k, stderr, name)

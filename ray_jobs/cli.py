@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--gpus-per-unit", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
-    p.add_argument("--model-args", default="", help="extra --model_args for `bd3`, e.g. mc_samples=4")
+    p.add_argument("--model-args", default="",
+                   help="extra --model_args for `bd3`, e.g. passes=32 or estimator=mc,passes=4 (default: the "
+                        "adapter's estimator, auto with 16 passes)")
     p.add_argument("--limit", type=int, default=None, help="documents per task (quick runs)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-retries", type=int, default=2, help="retries of a unit whose worker died")

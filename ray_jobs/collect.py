@@ -8,17 +8,21 @@ from pathlib import Path
 
 from .plan import Unit
 
-COLUMNS = ("checkpoint", "block_size", "task", "metric", "value", "stderr", "mc_samples", "status")
+COLUMNS = ("checkpoint", "block_size", "task", "metric", "value", "stderr", "estimator", "status")
 # The metric each task is plotted by, and the reference line drawn beside it.
 PLOT_METRICS = {"word_perplexity": "true_word_perplexity"}
 
 
-def _mc_samples(model_args: str) -> int:
-    for part in model_args.split(","):
-        key, _, value = part.partition("=")
-        if key.strip() == "mc_samples" and value.strip().isdigit():
-            return int(value)
-    return 1
+def _estimator(model_args: str) -> str:
+    """The likelihood estimator the unit's model args select, as name/passes (e.g. auto/16, mc/4)."""
+    from bd3_plugin.estimators import resolve
+
+    args = dict(part.split("=", 1) for part in model_args.split(",") if "=" in part)
+    ints = {k: int(args[k]) if args.get(k, "").strip().isdigit() else None for k in ("passes", "mc_samples")}
+    try:
+        return str(resolve(args.get("estimator"), ints["passes"], ints["mc_samples"]))
+    except ValueError:
+        return "invalid"
 
 
 def rows(units: list[Unit], out: Path) -> list[dict]:
@@ -27,7 +31,7 @@ def rows(units: list[Unit], out: Path) -> list[dict]:
         path = unit.result_path(out)
         record = json.loads(path.read_text()) if path.is_file() else {"status": "missing"}
         base = {"checkpoint": Path(unit.checkpoint).name or unit.checkpoint, "block_size": record.get("block_size"),
-                "mc_samples": _mc_samples(unit.model_args)}
+                "estimator": _estimator(unit.model_args)}
         if record.get("status") != "ok":
             error = record.get("error", record["status"])
             table += [base | {"task": t, "metric": "error", "value": error, "stderr": None, "status": "failed"}

@@ -18,7 +18,7 @@ RESULT = "result.json"
 class Unit:
     checkpoint: str  # local folder or hub id
     tasks: tuple[str, ...]  # lm-eval task or group names, evaluated together
-    model_args: str = ""  # extra --model_args for `bd3`, e.g. "mc_samples=4"
+    model_args: str = ""  # extra --model_args for `bd3`, e.g. "passes=32"
     limit: int | None = None
     batch_size: int = 16
 

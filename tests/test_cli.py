@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bd3_plugin.checkpoint import load_checkpoint, save_checkpoint
+from bd3_plugin.estimators import Estimator
 from bd3_plugin.scoring import report, score_documents
 from helpers import random_model, tiny_config, word_tokenizer
 
@@ -44,6 +45,20 @@ def test_nelbo_matches_the_library(ckpt, tmp_path):
     assert out["nll_per_token"] == pytest.approx(expect.nll_per_token, rel=1e-5)
     assert out["ppl_bound"] == pytest.approx(torch.tensor(expect.nll_per_token).exp().item(), rel=1e-5)
     assert out["mc_stderr"] > 0
+
+
+def test_nelbo_estimators(ckpt, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    c = load_checkpoint(ckpt)
+    ids = c.encode(TEXT)
+    r = bd3("nelbo", ckpt, "--text-file", text, "--estimator", "stratified", "--passes", 5, "--seed", 4, "--json")
+    assert r.returncode == 0, r.stderr
+    expect = score_documents(c.model, [ids], bos_id=None, estimator=Estimator("stratified", 5), seed=4).item()
+    assert json.loads(r.stdout)["nll_per_token"] == pytest.approx(expect / len(ids), rel=1e-5)
+    # The default (auto, 16 passes) enumerates L' = 4 blocks: the bound itself, whatever the seed.
+    a, b = (json.loads(bd3("nelbo", ckpt, "--text-file", text, "--seed", s, "--json").stdout) for s in (1, 2))
+    assert a["nll_per_token"] == b["nll_per_token"] and a["estimator"] == "auto/16" and a["mc_stderr"] is None
 
 
 def test_sample(ckpt):
@@ -87,6 +102,10 @@ def test_bad_input_gives_one_line(ckpt, tmp_path):
     empty.write_text("  \n")
     _one_line_error(bd3("nelbo", ckpt, "--text-file", tmp_path / "nope.txt"), "no such text file")
     _one_line_error(bd3("nelbo", ckpt, "--text-file", empty), "is empty")
+    _one_line_error(bd3("nelbo", ckpt, "--estimator", "bogus"), "estimator must be one of")
+    _one_line_error(bd3("nelbo", ckpt, "--passes", 0), "passes must be a positive integer")
+    _one_line_error(bd3("nelbo", ckpt, "--estimator", "exact", "--mc-samples", 2), "mc_samples applies to the mc")
+    _one_line_error(bd3("nelbo", ckpt, "--estimator", "exact", "--passes", 3), "exact needs 15 passes")
     _one_line_error(bd3("info", tmp_path / "missing"), "no checkpoint folder")
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -7,6 +7,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import CachingLM
 from lm_eval.api.registry import get_model
 
+from bd3_plugin.estimators import Estimator
 from bd3_plugin.lm_eval_adapter import BD3ArgsError, BD3EvalLM
 from bd3_plugin.scoring import report, score_documents
 from bd3_plugin.tinyworld.grammar import Source, text_words
@@ -115,7 +116,11 @@ def test_bad_requests(lm4):
     tail = lm4.tokenizer.decode(lm4.tok_encode(long_ctx)[-(128 - 4):])  # documented: the context's last tokens
     assert ll == pytest.approx(lm4.loglikelihood(ll_requests([(tail, " the cow sleeps .")]), disable_tqdm=True)[0][0])
     for args, needle in [("mc_sample=2", "unknown key(s) mc_sample"), ("mc_samples=0", "mc_samples must be"),
-                         ("algorithm=beam", "algorithm must be one of"), ("top_k=-1", "top_k must be an integer >= 0"), ("block_size=5", "block_size 5 does not divide"),
+                         ("estimator=bogus", "estimator must be one of"), ("passes=0", "passes must be a positive"),
+                         ("estimator=stratified,mc_samples=4", "mc_samples applies to the mc estimator only"),
+                         ("estimator=exact,passes=14", "exact needs 15 passes for a block of 4"),
+                         ("algorithm=beam", "algorithm must be one of"), ("top_k=-1", "top_k must be an integer >= 0"),
+                         ("block_size=5", "block_size 5 does not divide"),
                          ("", "pretrained=PATH_OR_HUB_ID is required")]:
         arg_string = f"pretrained={checkpoint_path(4)},{args}" if "pretrained" not in needle else args
         with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -128,18 +133,57 @@ def test_use_cache_resumes_a_killed_run(tmp_path, lm4, monkeypatch):
     calls = []
     real = BD3EvalLM._score
 
-    def dying(self, wins, n):
+    def dying(self, wins, n, seeds=None):
         calls.append(n)
         if len(calls) == 2:
             raise KeyboardInterrupt  # the run is killed while the second chunk is scored
-        return real(self, wins, n)
+        return real(self, wins, n, seeds)
 
     monkeypatch.setattr(BD3EvalLM, "_score", dying)
     cached = CachingLM(lm4, str(tmp_path / "cache"))
     with pytest.raises(KeyboardInterrupt):
         cached.loglikelihood(ll_requests(pairs))
     calls.clear()
-    monkeypatch.setattr(BD3EvalLM, "_score", lambda self, wins, n: (calls.append(n), real(self, wins, n))[1])
+    monkeypatch.setattr(BD3EvalLM, "_score", lambda self, wins, n, seeds=None: (calls.append(n),
+                                                                               real(self, wins, n, seeds))[1])
     resumed = CachingLM(lm4, str(tmp_path / "cache")).loglikelihood(ll_requests(pairs))
     assert calls == [36]  # only the requests the killed run had not finished
     assert resumed == lm4.loglikelihood(ll_requests(pairs), disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def lm16():
+    return BD3EvalLM(pretrained=str(checkpoint_path(16)), batch_size=8, greedy_check=False)
+
+
+def test_the_default_estimator_plans_passes_within_the_budget(lm16, monkeypatch):
+    """auto/16: the L' = 16 checkpoint's blocks are too large to enumerate, so each request gets a
+    stratified plan of at most 16 passes, and the same request scores the same in any batch."""
+    import bd3_plugin.nelbo as nelbo
+
+    assert lm16.args.scorer == Estimator() == Estimator("auto", 16)
+    plans = []
+    real = nelbo.row_plan
+    monkeypatch.setattr(nelbo, "row_plan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    pairs = [("", d.text + " <eos>") for d in HELDOUT_DOCS[:6]]
+    got = lm16.loglikelihood(ll_requests(pairs), disable_tqdm=True)
+    assert len(plans) == 6 and all(0 < p.masks.shape[0] <= 16 for p in plans)
+    again = lm16.loglikelihood(ll_requests(pairs[3:4] + pairs[:3][::-1]), disable_tqdm=True)
+    assert again[0] == got[3] and again[1:] == got[:3][::-1]
+
+
+def test_choices_of_one_context_share_their_draws(lm16, monkeypatch):
+    """Common random numbers: continuations of one context are masked alike, whatever their tokens; a
+    different context draws anew. Identical choices score the same."""
+    import bd3_plugin.nelbo as nelbo
+
+    a, b = "the old cow sleeps near a barn .", "a barn sleeps near the old cow ."  # of equal length
+    assert len(lm16.tok_encode(" " + a)) == len(lm16.tok_encode(" " + b))
+    plans = []
+    real = nelbo.row_plan
+    monkeypatch.setattr(nelbo, "row_plan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    got = lm16.loglikelihood(ll_requests([("a ship", " " + a), ("a ship", " " + b), ("the owl", " " + a),
+                                          ("a ship", " " + a)]), disable_tqdm=True)
+    first, second, other, again = (p.masks for p in plans)  # requests of equal length keep their order
+    assert torch.equal(first, second) and torch.equal(first, again) and not torch.equal(first, other)
+    assert got[0] == got[3] and got[0] != got[1]
