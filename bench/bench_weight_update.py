@@ -43,11 +43,10 @@ def main() -> None:
     from vllm import LLM
 
     from bd3_plugin.tinyworld.data import checkpoint_path
-    from vllm_backend.weights import EXTENSION, update_weights
+    from vllm_backend.weights import update_weights
 
     folder = args.checkpoint or str(checkpoint_path(4))
     kwargs = {"max_model_len": 128, "seed": 0, "enforce_eager": True}
-    kwargs |= {"worker_extension_cls": EXTENSION} if args.multiprocess else {}
     start = time.perf_counter()
     llm = LLM(folder, **kwargs)
     fresh = time.perf_counter() - start

@@ -143,7 +143,7 @@ def test_bd3_serve_passes_each_argument_once(monkeypatch, argv, expect):
     flags = flag_values(out)
     for flag, values in expect.items():
         assert flags[flag] == values
-    assert flags["--middleware"] == [serve.MIDDLEWARE]
+    assert flags["--middleware"] == list(serve.MIDDLEWARE)
     names = [a.split("=", 1)[0].replace("_", "-") for a in out if a.startswith("--")]  # as vLLM reads them
     assert len(names) == len(set(names)), names  # no flag twice
     assert {"--host", "--port", "--dtype", "--max-model-len", "--middleware"} <= set(names)

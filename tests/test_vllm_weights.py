@@ -151,10 +151,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`bd3 serve tiny-bd3-L4` with the weight routes and the worker extension; every wait is bounded."""
+    """Plain `bd3 serve tiny-bd3-L4` (it adds the weight routes; the workers carry the update call); every
+    wait is bounded."""
     port, log_path = free_port(), tmp_path_factory.mktemp("serve") / "server.log"
-    argv = [BD3, "serve", str(checkpoint_path(4)), "--", "--port", str(port), "--middleware",
-            "vllm_backend.weights.weight_routes", "--worker-extension-cls", "vllm_backend.weights.BD3WeightSync"]
+    argv = [BD3, "serve", str(checkpoint_path(4)), "--port", str(port)]
     with log_path.open("w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})

@@ -67,9 +67,8 @@ if __name__ == "__main__":
     from vllm import LLM
 
     mode, spec = sys.argv[1], json.loads(sys.argv[2])
-    # "update-mp": the engine in its own processes, which need the worker extension
-    extension = {"worker_extension_cls": "vllm_backend.weights.BD3WeightSync"} if mode == "update-mp" else {}
-    engine = LLM(spec["checkpoint"], max_model_len=128, seed=0, enforce_eager=True, **extension)
+    # "update-mp": the engine in its own processes; the BD3 workers carry the update call without a flag
+    engine = LLM(spec["checkpoint"], max_model_len=128, seed=0, enforce_eager=True)
     result = _generate(engine, spec["prompts"]) if mode == "fresh" else _updates(engine, spec)
     print("RESULTS " + json.dumps(result))
     sys.exit(0)

@@ -11,13 +11,14 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from .runner import BD3RunnerMixin, BD3WorkerMixin
+from .weights import BD3WeightSync
 
 
 class BD3CPUModelRunner(BD3RunnerMixin, CPUModelRunner):
     pass
 
 
-class BD3CPUWorker(BD3WorkerMixin, CPUWorker):
+class BD3CPUWorker(BD3WorkerMixin, BD3WeightSync, CPUWorker):
     def init_device(self) -> None:
         # CPUWorker.init_device builds vLLM's CPUModelRunner itself (no factory method to override) after
         # setting up threads and the distributed environment; the runner holds only empty buffers until

@@ -6,6 +6,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from .runner import BD3RunnerMixin, BD3WorkerMixin
+from .weights import BD3WeightSync
 
 V2_REFUSED = ("BD3 checkpoints run on vLLM's V1 model runner (several model passes per step); "
               "unset VLLM_USE_V2_MODEL_RUNNER or set it to 0")
@@ -15,7 +16,7 @@ class BD3GPUModelRunner(BD3RunnerMixin, GPUModelRunner):
     pass
 
 
-class BD3GPUWorker(BD3WorkerMixin, Worker):
+class BD3GPUWorker(BD3WorkerMixin, BD3WeightSync, Worker):
     def _make_model_runner(self) -> BD3GPUModelRunner:
         if self.use_v2_model_runner:
             raise ValueError(V2_REFUSED)

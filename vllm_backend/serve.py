@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 
-MIDDLEWARE = "vllm_backend.validate.check_request"
+# Request validation (400s, streaming or not) and the weight-update routes (/bd3/update_weights,
+# /bd3/weight_info).
+MIDDLEWARE = ("vllm_backend.validate.check_request", "vllm_backend.weights.weight_routes")
 
 
 def flag_names(args: list[str]) -> set[str]:
@@ -39,14 +41,25 @@ def command(checkpoint: str, host: str | None, port: int | None, max_model_len: 
     for flag, value in defaults.items():
         if flag not in given:
             argv += [flag, str(value)]
-    if MIDDLEWARE not in extra:
-        argv += ["--middleware", MIDDLEWARE]
+    for middleware in MIDDLEWARE:
+        if middleware not in extra:
+            argv += ["--middleware", middleware]
     return argv + list(extra)
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vllm")
+    except PackageNotFoundError:
+        return ""
 
 
 def environment() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM sizes the CPU cache from NUMA memory otherwise
+    if "+cpu" in _vllm_version():
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM sizes the CPU cache from NUMA memory otherwise
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

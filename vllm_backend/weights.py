@@ -7,8 +7,9 @@ worker by `BD3ForVLLM.load_weights`: a bad source raises one error naming every 
 mis-shaped tensor, and the engine keeps its weights. The version label is vLLM's engine weight version.
 
 - Offline: `update_weights(llm, source, version)`, `weight_version(llm)`.
-- Workers: the extension `BD3WeightSync` (`worker_extension_cls=EXTENSION`) adds `bd3_update_weights`; an
-  in-process engine needs none (the same function goes to `collective_rpc` as a callable).
+- Workers: both BD3 workers have `BD3WeightSync` (`bd3_update_weights`) as a base; another worker class
+  can take it as `worker_extension_cls=EXTENSION`. An in-process engine needs none of it (the same
+  function goes to `collective_rpc` as a callable).
 - Server: the middleware `weight_routes` serves `POST /bd3/update_weights {"path", "version"}` and
   `GET /bd3/weight_info`; `update_server_weights` and `server_weight_version` are their client.
 
@@ -140,7 +141,9 @@ def apply_weights(worker, source: Source | bytes) -> int:
 
 
 class BD3WeightSync:
-    """vLLM worker extension: `worker_extension_cls="vllm_backend.weights.BD3WeightSync"`."""
+    """The weight-update call of a BD3 worker. Both BD3 workers (CPU and GPU) have it as a direct base, so
+    no flag is needed; naming it as `worker_extension_cls` as well is harmless (vLLM skips a class that is
+    already a base)."""
 
     def bd3_update_weights(self, source: Source | bytes) -> int:
         return apply_weights(self, source)
@@ -166,7 +169,8 @@ def _missing_extension(err: Exception) -> bool:
     return "bd3_update_weights" in message and ("is not implemented" in message or "has no attribute" in message)
 
 
-_NO_EXTENSION = f"the engine's workers have no bd3_update_weights: start it with worker_extension_cls={EXTENSION!r}"
+_NO_EXTENSION = ("the engine's workers have no bd3_update_weights: serve a BD3 checkpoint, or give a custom "
+                 f"worker worker_extension_cls={EXTENSION!r}")
 
 
 def update_weights(llm, source: Source, version: str) -> None:
@@ -262,8 +266,7 @@ async def _update(engine, path: str, version: str):
             counts = await engine.collective_rpc("bd3_update_weights", args=(path,))
             await engine.update_weight_version(version)
         except Exception as err:  # the worker's strict check (a file changed since the front end read it)
-            return _error(f"the server's workers have no bd3_update_weights: start it with --worker-extension-cls "
-                          f"{EXTENSION}" if _missing_extension(err) else _rpc_message(err))
+            return _error(_NO_EXTENSION if _missing_extension(err) else _rpc_message(err))
         finally:
             await engine.resume_generation()
     return JSONResponse({"weight_version": version, "tensors": counts[0]})
