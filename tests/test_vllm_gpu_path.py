@@ -63,9 +63,10 @@ def test_gpu_runner_is_the_mixin_over_vllms_v1_gpu_runner():
 
     from vllm_backend.gpu_worker import BD3GPUModelRunner, BD3GPUWorker
     from vllm_backend.runner import BD3RunnerMixin, BD3WorkerMixin
+    from vllm_backend.weights import BD3WeightSync
 
     assert BD3GPUModelRunner.__mro__[1:3] == (BD3RunnerMixin, GPUModelRunner)
-    assert BD3GPUWorker.__mro__[1:3] == (BD3WorkerMixin, Worker)
+    assert BD3GPUWorker.__mro__[1:4] == (BD3WorkerMixin, BD3WeightSync, Worker)
     assert BD3GPUWorker._make_model_runner is not Worker._make_model_runner
 
 
