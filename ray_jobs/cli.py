@@ -38,11 +38,14 @@ def known_tasks(groups: list[list[str]]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bd3_plugin.tinyworld.data import CHECKPOINTS
+    from bd3_plugin.tinyworld.data import bundled_checkpoints
 
     p = argparse.ArgumentParser(prog="bd3-sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoints", nargs="+", default=[str(CHECKPOINTS / "*")],
-                   help="checkpoint folders, globs or hub ids (default: the bundled ones)")
+    # The default tasks are the grammar's, so the default checkpoints are those trained on it (the copy
+    # task's checkpoints have their own task, copy_gen).
+    p.add_argument("--checkpoints", nargs="+", default=[str(c) for c in bundled_checkpoints()],
+                   help="checkpoint folders, globs or hub ids (default: the bundled grammar checkpoints, "
+                        "L' = 1, 4, 16, 128)")
     p.add_argument("--tasks", nargs="+", default=["synthetic_ppl", "synthetic_mc"], help="task groups")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"))
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")

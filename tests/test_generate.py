@@ -8,9 +8,11 @@ from helpers import random_model, tiny_config
 PROMPTS = [[], [3], [4, 5, 6], [7, 8, 9, 10, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9], list(range(13))]
 
 
-def naive_greedy_threshold(model, prompt, n_new, threshold):
-    """Reference: no cache, no batching. Every step re-runs a block-causal forward over the whole
-    sequence (windowed past model_length) and reveals by confidence."""
+def naive_greedy(model, prompt, n_new, threshold=float("inf")):
+    """Reference: no cache, no batching. Every step re-runs a block-causal forward over the whole sequence
+    (windowed past model_length) and reveals by argmax every masked slot whose confidence reaches the
+    threshold, or else the single most confident one (leftmost among ties): with no threshold, greedy
+    first-hitting."""
     size, mask_id = model.config.block_size, model.config.mask_id
     whole = len(prompt) // size * size
     seq, block, tail = list(prompt[:whole]), list(prompt[whole:]), len(prompt) - whole
@@ -21,10 +23,11 @@ def naive_greedy_threshold(model, prompt, n_new, threshold):
             with torch.no_grad():
                 logits = model(torch.tensor([seq + block]))[0, -size:].double()
             logits[:, mask_id] = -float("inf")
-            probs = torch.softmax(logits, -1)
-            conf, tok = probs.max(-1)
+            conf, tok = torch.softmax(logits, -1).max(-1)
             masked = [i for i in range(size) if block[i] == mask_id]
-            sure = [i for i in masked if conf[i] >= threshold] or [max(masked, key=lambda i: conf[i].item())]
+            top = max(conf[i].item() for i in masked)
+            best = min(i for i in masked if conf[i].item() >= top - 1e-6)
+            sure = [i for i in masked if conf[i] >= threshold] or [best]
             for i in sure:
                 block[i] = int(tok[i])
         out += block[tail:]
@@ -39,7 +42,7 @@ def test_cached_batched_greedy_equals_naive_sampler(block_size):
     cfg = SamplerConfig(algorithm="threshold", threshold=0.3, temperature=0.0, max_new_tokens=22)
     result = generate(model, PROMPTS, cfg, seeded_generators(range(len(PROMPTS))))
     for prompt, g in zip(PROMPTS, result.generations):  # 13 + 22 tokens: past model_length 16
-        assert g.tokens == naive_greedy_threshold(model, prompt, 22, 0.3), prompt
+        assert g.tokens == naive_greedy(model, prompt, 22, 0.3), prompt
 
 
 @pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
@@ -165,30 +168,6 @@ def test_temperature_zero_is_deterministic_without_seeds_and_in_any_batch(algori
         assert alone.tokens == unseeded[i] and alone.reveal_steps == seeded.generations[i].reveal_steps
 
 
-def naive_greedy_first_hitting(model, prompt, n_new):
-    """Reference for greedy first-hitting: no cache, no batching; each step re-runs a block-causal
-    forward and reveals the single most confident masked slot (leftmost among ties), by argmax."""
-    size, mask_id = model.config.block_size, model.config.mask_id
-    whole = len(prompt) // size * size
-    seq, block, tail = list(prompt[:whole]), list(prompt[whole:]), len(prompt) - whole
-    block += [mask_id] * (size - len(block))
-    out = []
-    while len(out) < n_new:
-        while mask_id in block:
-            with torch.no_grad():
-                logits = model(torch.tensor([seq + block]))[0, -size:].double()
-            logits[:, mask_id] = -float("inf")
-            conf, tok = torch.softmax(logits, -1).max(-1)
-            masked = [i for i in range(size) if block[i] == mask_id]
-            top = max(conf[i].item() for i in masked)
-            i = min(i for i in masked if conf[i].item() >= top - 1e-6)
-            block[i] = int(tok[i])
-        out += block[tail:]
-        seq += block
-        block, tail = [mask_id] * size, 0
-    return out[:n_new]
-
-
 def test_greedy_first_hitting_and_ddpm_equal_a_naive_most_confident_first_loop():
     model = random_model(tiny_config(block_size=4, model_length=16))
     prompts = [[], [4, 5, 6, 7], list(range(8))]  # whole blocks: DDPM's default grid reveals one per step
@@ -196,4 +175,4 @@ def test_greedy_first_hitting_and_ddpm_equal_a_naive_most_confident_first_loop()
         cfg = SamplerConfig(algorithm=algorithm, temperature=0.0, max_new_tokens=7)
         out = generate(model, prompts, cfg)
         for prompt, g in zip(prompts, out.generations):
-            assert g.tokens == naive_greedy_first_hitting(model, prompt, 7), (algorithm, prompt)
+            assert g.tokens == naive_greedy(model, prompt, 7), (algorithm, prompt)

@@ -1,11 +1,6 @@
 """`bd3 serve` end to end: the real vLLM OpenAI server on 127.0.0.1 (started with an API key, through
 `bd3 serve CKPT --port N -- --api-key K`), called with the openai client and with plain HTTP."""
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,44 +12,12 @@ from bd3_plugin.checkpoint import load_checkpoint
 from bd3_plugin.generate import SamplerConfig, generate
 from bd3_plugin.noise import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
+from servers import start, stop
 
 pytestmark = pytest.mark.slow
 BD3 = str(Path(sys.executable).with_name("bd3"))
 KEY = "bd3-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(argv, log_dir):
-    """Start a server process (`argv(port)`); returns (process, base url, log file) once /health answers."""
-    port = free_port()
-    log = (log_dir / "server.log").open("w")
-    proc = subprocess.Popen(argv(port), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail("server did not become healthy")
-    return proc, base, log
-
-
-def stop(proc, log) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # stop it by its PID (and its engine process)
-    proc.wait(timeout=60)
-    log.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,8 @@ The second checkpoint is tiny-bd3-L4 with every tensor perturbed by seeded noise
 """
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from bd3_plugin.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_config, save_checkpoint
 from bd3_plugin.tinyworld.data import checkpoint_path
+from servers import start, stop
 from vllm_backend.weights import check_source, parse_update_request
 
 WORKER = Path(__file__).with_name("vllm_weights_worker.py")
@@ -143,37 +141,13 @@ def test_engine_in_other_processes(runs, runs_mp, ckpts):
     assert runs_mp["versions"] == ["default", "default", "new_file_state", "old_file_state"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """Plain `bd3 serve tiny-bd3-L4` (it adds the weight routes; the workers carry the update call); every
-    wait is bounded."""
-    port, log_path = free_port(), tmp_path_factory.mktemp("serve") / "server.log"
-    argv = [BD3, "serve", str(checkpoint_path(4)), "--port", str(port)]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
-    base, deadline = f"http://127.0.0.1:{port}", time.time() + 300
-    try:
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.time() < deadline, "server did not become healthy"
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (with its engine)
-            proc.wait(timeout=60)
+    """Plain `bd3 serve tiny-bd3-L4` (it adds the weight routes; the workers carry the update call)."""
+    proc, base, log = start(lambda port: [BD3, "serve", str(checkpoint_path(4)), "--port", str(port)],
+                            tmp_path_factory.mktemp("serve"))
+    yield base
+    stop(proc, log)
 
 
 def served_tokens(base, prompts):

@@ -1,0 +1,45 @@
+"""Start and stop an OpenAI-compatible server process in tests, every wait bounded."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(argv, log_dir):
+    """Start a server process (`argv(port)`); returns (process, base url, log file) once /health answers."""
+    port = free_port()
+    log = (log_dir / "server.log").open("w")
+    proc = subprocess.Popen(argv(port), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, Path(log.name).read_text()[-3000:]
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("server did not become healthy")
+    return proc, base, log
+
+
+def stop(proc, log) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # stop it by its PID (and its engine process)
+    proc.wait(timeout=60)
+    log.close()
