@@ -26,6 +26,8 @@ from .scoring import content_seed, eval_interval, greedy_windows, score_windows,
 from .zeroshot import PROTOCOLS, ScoredLoglikelihood, rolling_windows
 
 log = logging.getLogger(__name__)
+# Generation arguments some tasks pass with values that ask for nothing beyond plain sampling.
+_NEUTRAL_GEN_KWARGS = {("num_beams", 1), ("repetition_penalty", 1.0), ("min_p", 0.0), ("min_p", 0), ("typical_p", 1.0)}
 _CHUNK = 64  # requests scored between two writes to lm-eval's cache
 
 
@@ -229,9 +231,12 @@ class BD3EvalLM(TemplateLM):
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
+        try:  # every group's settings are checked before any generation starts
+            settings = [self._sampler_config(requests[m[0]].args[1]) for m in groups.values()]
+        except ValueError as err:
+            _fail(err)
         bar = tqdm(total=len(requests), desc="bd3 generate", disable=disable_tqdm)
-        for members in groups.values():
-            config, until = self._sampler_config(requests[members[0]].args[1])
+        for members, (config, until) in zip(groups.values(), settings):
             members.sort(key=lambda i: -len(requests[i].args[0]))
             for start in range(0, len(members), self.args.batch_size):
                 batch = members[start : start + self.args.batch_size]
@@ -258,8 +263,11 @@ class BD3EvalLM(TemplateLM):
         top_p = float(kw.pop("top_p", self.args.top_p))
         top_k = kw.pop("top_k", self.args.top_k)
         top_k = 0 if top_k is None else top_k  # Hugging Face's None: no top-k filter
-        if kw:
-            log.warning("bd3: ignoring generation arguments %s", sorted(kw))
+        neutral = {k for k, v in kw.items() if (k, v) in _NEUTRAL_GEN_KWARGS}
+        refused = sorted(set(kw) - neutral)
+        if refused:
+            raise BD3ArgsError(f"bd3: generation argument(s) {', '.join(refused)} are not supported by the block "
+                               "sampler (supported: until, max_gen_toks, do_sample, temperature, top_p, top_k)")
         return SamplerConfig(algorithm=self.args.algorithm, max_new_tokens=max_toks, temperature=temperature,
                              top_p=top_p, top_k=top_k, steps=self.args.steps, threshold=self.args.threshold), until
 

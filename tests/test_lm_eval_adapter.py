@@ -90,6 +90,16 @@ def test_generation_is_seeded_batched_and_stops(lm4):
     assert sum(source.is_valid(text_words(r.args[0] + " " + o + " .")) for r, o in zip(reqs, out)) >= 2
 
 
+def test_unsupported_generation_arguments_are_refused_not_ignored(lm4):
+    req = lambda kw: [Instance("generate_until", {}, ("the old cow", {"until": ["."], "max_gen_toks": 4} | kw), 0)]
+    for kw, needle in [({"num_beams": 4}, "num_beams"), ({"repetition_penalty": 1.3}, "repetition_penalty"),
+                       ({"temperature": -1.0}, "temperature")]:
+        with pytest.raises(ValueError, match=needle):
+            lm4.generate_until(req(kw), disable_tqdm=True)
+    plain = lm4.generate_until(req({}), disable_tqdm=True)
+    assert lm4.generate_until(req({"num_beams": 1, "repetition_penalty": 1.0}), disable_tqdm=True) == plain
+
+
 def test_top_k_from_the_task_or_the_model_args_reaches_the_sampler(lm1):
     """At L' = 1, top_k = 1 at temperature 1 is greedy decoding: the task's top_k is applied."""
     prompts = ["the old cow", "some ships", "a wolf"]
