@@ -13,11 +13,10 @@ import time
 
 import torch
 
-from bd3_plugin.config import BD3Config
 from bd3_plugin.generate import SamplerConfig, generate
-from bd3_plugin.model import BD3LM
 from bd3_plugin.nelbo import nelbo_terms
 from bd3_plugin.noise import seeded_generators
+from bench_model import bench_model
 
 
 def sync(device: str) -> None:
@@ -46,11 +45,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = BD3Config(vocab_size=1024, model_length=256, block_size=16, hidden_dim=128, n_heads=4, n_blocks=4,
-                    cond_dim=64, dropout=0.0)
-    model = BD3LM(cfg)
-    model.reset_parameters(torch.Generator().manual_seed(0), adaln_zero=False)
-    model = model.eval().to(device=args.device, dtype=getattr(torch, args.dtype))
+    model = bench_model(args.device, getattr(torch, args.dtype))
+    cfg = model.config
     print(f"# machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}, {args.dtype}")
     print(f"# model: {cfg.n_blocks} layers × {cfg.hidden_dim}, vocab {cfg.vocab_size}, L={cfg.model_length}, "
