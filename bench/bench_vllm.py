@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import replace
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: the position counters need it
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the position counters need it
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
