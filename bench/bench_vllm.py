@@ -195,13 +195,14 @@ def released_part(args, work: str) -> None:
     print(f"multiply-accumulates per position: BD3 layers {dit.layers / 1e6:.1f} M, Llama layers "
           f"{llama.layers / 1e6:.1f} M, output layer {dit.output / 1e6:.1f} M (both)")
     print("| concurrency | BD3 layer pos/token | BD3 output pos/token | AR layer pos/token | AR output pos/token "
-          "| predicted BD3/AR | measured BD3/AR |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "| predicted BD3/AR | measured BD3/AR | measured (CPU time) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b, a in zip(bd3, ar):
         bp = (b.per_token(b.layer_positions), b.per_token(b.logit_positions))
         ap = (a.per_token(a.layer_positions), a.per_token(a.logit_positions))
         print(f"| {b.concurrency} | {bp[0]:.2f} | {bp[1]:.2f} | {ap[0]:.2f} | {ap[1]:.2f} | "
-              f"{predicted_ratio(dit, bp, llama, ap):.2f}x | {b.tokens_per_s / a.tokens_per_s:.2f}x |")
+              f"{predicted_ratio(dit, bp, llama, ap):.2f}x | {b.tokens_per_s / a.tokens_per_s:.2f}x | "
+              f"{b.tokens_per_cpu_s / a.tokens_per_cpu_s:.2f}x |")
     print("measured positions include the prompts' prefill; first-hitting at L' = {0}, prompts excluded, "
           "against AR's 1 and 1:".format(size))
     for fused, name in ((False, "separate commit pass, logits of the whole block"),
