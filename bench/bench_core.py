@@ -2,8 +2,13 @@
 
 1. NELBO: the vectorised x_t ⊕ x_0 pass against a loop of one forward per block (16 blocks).
 2. Sampling: the batched sampler at batch 16 against batch 1 (generated tokens per second).
+3. Forward passes per generated token and tokens per second of first-hitting at L' = 4 on the bundled
+   grammar checkpoint, and (`--released-shape`) on a random-weight model of the released shape
+   (12 layers × 768, vocabulary 50,258), where the output layer is a large part of a pass.
 
-    python bench/bench_core.py [--threads N] [--device cuda] [--dtype bfloat16]
+    python bench/bench_core.py [--threads N] [--device cuda] [--dtype bfloat16] [--released-shape]
+
+Run with PYTHONPATH pointing at another checkout to measure that code with the same script.
 """
 from __future__ import annotations
 
@@ -13,9 +18,13 @@ import time
 
 import torch
 
+from bd3_plugin.checkpoint import load_checkpoint
+from bd3_plugin.config import BD3Config
 from bd3_plugin.generate import SamplerConfig, generate
+from bd3_plugin.model import BD3LM
 from bd3_plugin.nelbo import nelbo_terms
 from bd3_plugin.noise import seeded_generators
+from bd3_plugin.tinyworld.data import checkpoint_path
 from bench_model import bench_model
 
 
@@ -42,6 +51,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--released-shape", action="store_true", help="also time a random model of the released shape")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,6 +85,35 @@ def main() -> None:
     tps16 = max(run(16) for _ in range(args.repeats))
     print(f"sample first_hitting, 64 new tokens: batch 1 {tps1:8.1f} tok/s   batch 16 {tps16:8.1f} tok/s   "
           f"ratio {tps16 / tps1:5.2f}x")
+
+    grammar = load_checkpoint(checkpoint_path(4))
+    eos = grammar.encode("<eos>")
+    passes_per_token(grammar.model.to(args.device), "grammar tiny-bd3-L4", eos, 63, (1, 16), args)  # 3 + 15 blocks
+    if args.released_shape:
+        cfg = BD3Config(vocab_size=50258, model_length=1024, block_size=4, hidden_dim=768, n_heads=12, n_blocks=12,
+                        cond_dim=128, dropout=0.0)
+        with torch.device("cpu"):
+            big = BD3LM(cfg)
+            big.reset_parameters(torch.Generator().manual_seed(0), adaln_zero=False)
+        big = big.eval().to(device=args.device, dtype=getattr(torch, args.dtype))
+        passes_per_token(big, "released shape, random weights", list(range(1, 21)), 32, (1, 16), args)
+
+
+def passes_per_token(model: BD3LM, name: str, prompt: list[int], n_new: int, batches, args) -> None:
+    """First-hitting (temperature 1, top-p 0.9, EOS ignored): forward passes of every kind per generated
+    token, and generated tokens per second (best of `args.repeats`)."""
+    sampler = SamplerConfig(algorithm="first_hitting", max_new_tokens=n_new, top_p=0.9, stop_at_eos=False)
+    for batch in batches:
+        best, passes = 0.0, 0
+        for _ in range(args.repeats):
+            sync(args.device)
+            start = time.perf_counter()
+            out = generate(model, [prompt] * batch, sampler, seeded_generators(range(batch)))
+            sync(args.device)
+            tokens = sum(len(g.tokens) for g in out.generations)
+            best, passes = max(best, tokens / (time.perf_counter() - start)), out.forward_passes
+        print(f"{name}, first_hitting L'={model.config.block_size}, {n_new} new tokens, batch {batch:2d}: "
+              f"{passes / n_new:5.3f} passes/token ({passes} passes)   {best:8.1f} tok/s")
 
 
 if __name__ == "__main__":
