@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bd3_plugin.generate import SamplerConfig, generate
+from bd3_plugin.generate import SamplerConfig, generate, greedy_completions
 from bd3_plugin.model import BD3LM, Clean
 from bd3_plugin.noise import seeded_generators
 from helpers import assert_close, naive_sample, random_model, tiny_config
@@ -119,9 +119,27 @@ def test_a_row_that_ends_is_never_stored(monkeypatch):
 
     spy.__wrapped__ = BD3LM.denoise
     monkeypatch.setattr(BD3LM, "denoise", spy)
+    monkeypatch.setattr(BD3LM, "commit", lambda *a, **k: pytest.fail("no commit pass of its own"))
     out = generate(model, [[1, 2, 3], [1, 2, 3, 4]], SamplerConfig(max_new_tokens=4), seeded_generators([0, 1]))
     assert [len(g.tokens) for g in out.generations] == [4, 4]
     assert stored[0] == (2, [0, 1, 2, 3])  # the first pass stores row 1's prompt block (row 0 is all padding)
     assert stored[4] == (1, [0, 1, 2, 3])  # block 0 of row 0, alone: row 1 has ended
     assert len(stored) == 8 and all(s is None for i, s in enumerate(stored) if i not in (0, 4))
     assert out.forward_passes == 8 and out.commit_passes == 0
+
+
+def test_greedy_completions_take_one_pass_per_block(monkeypatch):
+    """Each block is filled in one pass that also stores the blocks before it (the prefix's whole blocks,
+    left-padded across states, in the first): as many passes as the longest completion has blocks."""
+    model = random_model()
+    out = generate(model, [[1, 2, 3, 4, 5], [6]], SamplerConfig(max_new_tokens=9), seeded_generators([0, 1]),
+                   record=True)
+    states = [(out.trajectories[0], 1, 1), (out.trajectories[1], 0, 2)]  # prefixes of 1 and 0 whole blocks
+    calls = []
+    denoise = BD3LM.denoise
+    monkeypatch.setattr(BD3LM, "denoise", lambda *a, **k: calls.append(k["clean"]) or denoise(*a, **k))
+    monkeypatch.setattr(BD3LM, "commit", lambda *a, **k: pytest.fail("no commit pass of its own"))
+    got = greedy_completions(model, states, max_new_tokens=9)
+    assert [len(g) for g in got] == [9, 9]
+    assert len(calls) == 3  # each row: 3 masked slots of the state's block, then 4 + 4 tokens
+    assert calls[0].valid.sum(dim=1).tolist() == [4, 0]  # row 0's prompt block; row 1 has none
