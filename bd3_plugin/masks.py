@@ -23,14 +23,15 @@ def block_diff_mask(seq_len: int, block_size: int, device: torch.device | None =
 
 
 def block_causal_mask(seq_len: int, block_size: int, device: torch.device | None = None,
-                      window_blocks: int | None = None) -> torch.Tensor:
+                      window_blocks: int | None = None, first_query: int = 0) -> torch.Tensor:
     """The (T, T) mask of one view: causal across blocks, bidirectional inside a block.
 
     With `window_blocks`, a block sees only itself and the `window_blocks - 1` blocks before it: the
-    sliding window that lets generation run past model_length.
+    sliding window that lets generation run past model_length. `first_query` keeps only the query rows
+    from there on, (T − first_query, T): the new tokens of a pass whose earlier keys come from a cache.
     """
     blk = torch.arange(seq_len, device=device) // block_size
-    gap = blk[:, None] - blk[None, :]
+    gap = blk[first_query:, None] - blk[None, :]
     allowed = gap >= 0
     if window_blocks is not None:
         allowed &= gap < window_blocks

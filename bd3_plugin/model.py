@@ -7,6 +7,7 @@ attention mask (and optionally a KV cache of clean tokens) to logits.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -153,15 +154,31 @@ class DiTBackbone(nn.Module):
         return F.silu(self.sigma_map(torch.zeros(1, device=device)))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache | None = None, store: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, store: int = 0, read: torch.Tensor | None = None
+                ) -> torch.Tensor | None:
+        """ids (B, T) -> logits (B, T, V). `store`: how many leading tokens' K/V to write into `cache`.
+        `read` (B, T) bool: run the output layer only there and return those logits (n, V) in row-major
+        order (None when n = 0); the vocabulary projection is the costliest layer per token."""
         c = self.condition(ids.device)
         x = self.vocab_embed(ids)
         rope = self.rotary_emb(positions)
         for i, block in enumerate(self.blocks):
             x, (k, v) = block(x, c, rope, mask, cache.prefix(i) if cache is not None else None)
             if store:
-                cache.write(i, k, v)
-        return self.output_layer(x, c)
+                cache.write(i, k[:, :, :store], v[:, :, :store])
+        if read is None:
+            return self.output_layer(x, c)
+        if not read.any():
+            return None
+        return self.output_layer(x[read][None], c)[0]  # (1, n, D) -> (n, V)
+
+
+class Clean(NamedTuple):
+    """Whole clean blocks for a pass to store in the cache: ids, positions and validity, each (B, k·L')."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
 
 
 class BD3LM(nn.Module):
@@ -222,34 +239,59 @@ class BD3LM(nn.Module):
         return self.backbone(torch.cat((x_t, x_0), dim=1), positions, mask)[:, :n]
 
     def denoise(self, block: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L', V) of a noisy block attending to the cached clean prefix and to itself."""
+                valid: torch.Tensor | None = None, *, read: torch.Tensor | None = None,
+                clean: Clean | None = None) -> torch.Tensor:
+        """Logits (B, L', V) of a noisy block attending to the cached clean prefix and to itself.
+
+        `read` (B, L') bool: the output layer runs only at those slots; the other slots' logits are zeros.
+        `clean`: whole clean blocks that come right before the noisy block, stored in the cache by this same
+        pass (the commit fused into the denoising pass). They attend to the cache and block-causally to each
+        other, exactly as in `commit`; the noisy block attends to the cache, to them and to itself, exactly
+        as in a `denoise` after that commit: the clean stream never sees the noisy block (spec §2.1).
+        """
         valid = torch.ones_like(block, dtype=torch.bool) if valid is None else valid
-        n = block.shape[1]
-        cache.make_room(n)  # the window (cache + block) spans at most model_length tokens
-        inner = torch.ones(n, n, dtype=torch.bool, device=block.device)
-        return self.backbone(block, positions, self._prefix_mask(inner, cache, valid), cache)
+        read = torch.ones_like(valid) if read is None else read
+        if clean is None:
+            clean = Clean(block[:, :0], positions[:, :0], valid[:, :0])  # (B, 0): nothing to store
+        (b, n), m = block.shape, clean.ids.shape[1]
+        if m > self.config.block_size and cache.length + m > cache.capacity:
+            raise ValueError(f"{m} clean tokens overflow the cache window ({cache.length} of "
+                             f"{cache.capacity} in use): commit the leading blocks first")
+        # As a commit pass would, or as a lone block would: the mask's window limits what the block sees.
+        cache.make_room(m or n)
+        new_valid = torch.cat((clean.valid, valid), dim=1)
+        picked = self.backbone(torch.cat((clean.ids, block), dim=1), torch.cat((clean.positions, positions), dim=1),
+                               self._window_mask(cache, new_valid), cache, store=m,
+                               read=torch.cat((torch.zeros_like(clean.valid), read), dim=1))
+        cache.advance(clean.valid)
+        logits = torch.zeros(b, n, self.config.vocab_size, dtype=self.backbone.vocab_embed.embedding.dtype,
+                             device=block.device)
+        if picked is not None:
+            logits[read] = picked
+        return logits
 
     def commit(self, blocks: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-               valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Store whole clean blocks (B, k·L') in the cache (block-causal among them); returns their logits."""
+               valid: torch.Tensor | None = None) -> None:
+        """Store whole clean blocks (B, k·L') in the cache (block-causal among them); no logits are computed."""
         valid = torch.ones_like(blocks, dtype=torch.bool) if valid is None else valid
         n, size = blocks.shape[1], self.config.block_size
         if n > size and cache.length + n > cache.capacity:
             # The window slides inside this chunk: each block must see its own window, so go one by one.
-            return torch.cat([self.commit(blocks[:, i : i + size], positions[:, i : i + size], cache,
-                                          valid[:, i : i + size]) for i in range(0, n, size)], dim=1)
+            for i in range(0, n, size):
+                self.commit(blocks[:, i : i + size], positions[:, i : i + size], cache, valid[:, i : i + size])
+            return
         cache.make_room(n)
-        inner = block_causal_mask(blocks.shape[1], self.config.block_size, blocks.device)
-        logits = self.backbone(blocks, positions, self._prefix_mask(inner, cache, valid), cache, store=True)
+        self.backbone(blocks, positions, self._window_mask(cache, valid), cache, store=n, read=torch.zeros_like(valid))
         cache.advance(valid)
-        return logits
 
-    @staticmethod
-    def _prefix_mask(inner: torch.Tensor, cache: KVCache, valid: torch.Tensor) -> torch.Tensor:
-        n = inner.shape[0]
-        full = torch.cat((torch.ones(n, cache.length, dtype=torch.bool, device=inner.device), inner), dim=1)
-        return with_key_padding(full, torch.cat((cache.prefix_valid(), valid), dim=1))
+    def _window_mask(self, cache: KVCache, valid: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, length + T) for T new tokens (whole blocks) after the cache: block-causal, each block
+        seeing at most the model_length / L' − 1 blocks before it (the sliding window), never padding."""
+        cfg, t = self.config, valid.shape[1]
+        assert cache.length % cfg.block_size == 0, "the cache holds whole blocks"
+        allowed = block_causal_mask(cache.length + t, cfg.block_size, valid.device, cfg.num_blocks,
+                                    first_query=cache.length)
+        return with_key_padding(allowed, torch.cat((cache.prefix_valid(), valid), dim=1))
 
     def new_cache(self, batch: int) -> KVCache:
         cfg = self.config

@@ -1,6 +1,8 @@
 """One denoising step of each sampler, for one noisy block of a batch (spec §4).
 
-Pure functions: logits of the block in, the positions to reveal and their tokens out. Each row draws
+Pure functions: logits of the block in, the positions to reveal and their tokens out. A sampler whose
+positions do not depend on the logits (first-hitting at temperature > 0) chooses them before the pass
+(`first_hitting_choice`), so that the pass computes logits only where they are read. Each row draws
 only from its own generator and only while it still has masks, so a row's tokens never depend on what
 else is in the batch. Probabilities and Gumbel noise are float64 (the paper: fp32 noise lowers entropy).
 """
@@ -126,27 +128,38 @@ def _greedy_step(logits: torch.Tensor, masked: torch.Tensor, count: torch.Tensor
     return (reveal, tokens, masked, probs) if with_probs else (reveal, tokens)
 
 
-def first_hitting_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
-                       mask_id: int, temperature: float, top_p: float, top_k: int = 0, with_probs: bool = False
-                       ) -> tuple:
-    """Reveal exactly one masked position per row, chosen uniformly (Zheng et al.'s first-hitting time
-    for α_t = 1 − t: the next event reveals one token and which one is uniform). At temperature 0 the
-    position is the greedy one (`greedy_positions`): the most confident, leftmost among ties.
-
-    logits (B, L', V), masked (B, L') -> reveal (B, L') bool, tokens (B, L'). Every step function, given
-    `with_probs=True`, also returns where it computed p_θ (B, L') and those distributions (n, V) row-major,
-    so that a trajectory recorder needs no second softmax.
-    """
+def first_hitting_choice(masked: torch.Tensor, generators: list[torch.Generator], temperature: float
+                         ) -> torch.Tensor:
+    """Before the pass: the slots whose logits first-hitting will read, (B, L') bool. The position does
+    not depend on the logits at temperature > 0 (Zheng et al.'s first-hitting time for α_t = 1 − t: the
+    next event reveals one token and which one is uniform), so it is drawn now, one uniform from the
+    generator of each row with masks, and the pass needs logits at that one slot. At temperature 0 the
+    position is the most confident one, so every masked slot is read."""
+    if temperature == 0:
+        return masked
     count = masked.sum(dim=1)  # (B,)
     live = count > 0
-    if temperature == 0:
-        return _greedy_step(logits, masked, live.long(), mask_id, top_p, top_k, with_probs)
     u = torch.zeros(masked.shape[0], dtype=torch.float64, device=masked.device)
     u[live] = _row_draws(generators, live.long().tolist(), None, masked.device)
     k = (u * count).floor().long()  # which masked slot, 0-based
     rank = masked.long().cumsum(dim=1) - 1  # (B, L') rank of each masked slot
-    reveal = masked & (rank == k[:, None])
-    return _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs)
+    return masked & (rank == k[:, None])
+
+
+def first_hitting_step(logits: torch.Tensor, read: torch.Tensor, generators: list[torch.Generator], *,
+                       mask_id: int, temperature: float, top_p: float, top_k: int = 0, with_probs: bool = False
+                       ) -> tuple:
+    """After the pass: reveal one of the slots `first_hitting_choice` chose to read per row, with a token
+    from p_θ: at temperature > 0 the one drawn slot, at temperature 0 the greedy one (`greedy_positions`:
+    the most confident, leftmost among ties). Only the `read` slots of `logits` are used.
+
+    logits (B, L', V), read (B, L') -> reveal (B, L') bool, tokens (B, L'). Every step function, given
+    `with_probs=True`, also returns where it computed p_θ (B, L') and those distributions (n, V) row-major,
+    so that a trajectory recorder needs no second softmax.
+    """
+    if temperature == 0:
+        return _greedy_step(logits, read, read.any(dim=1).long(), mask_id, top_p, top_k, with_probs)
+    return _reveal_with_draws(logits, read, generators, mask_id, temperature, top_p, top_k, with_probs)
 
 
 def _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs) -> tuple:

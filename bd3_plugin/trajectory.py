@@ -118,7 +118,7 @@ class Trajectory:
     seed_replays: bool  # a fresh generator with `seed`, alone in a batch, regenerates this row exactly
     finish_reason: str
     denoise_passes: int  # denoising passes this row took part in
-    commit_passes: int  # passes that stored clean blocks of this row (prompt prefill included)
+    commit_passes: int  # passes that only stored clean blocks of this row (a prompt longer than the window)
 
     def __post_init__(self) -> None:
         if len(self.tokens) % self.block_size:
@@ -228,7 +228,8 @@ class BlockRecorder:
              probs: torch.Tensor | None = None) -> None:
         """One sampler step: logits (B, L', V) it used, the masks before it, what it revealed, the tokens
         (threshold: the proposals at every masked slot), each row's pass count (B,), the DDPM grid index
-        and levels; optionally the sampler's distributions `probs` (n, V) at the slots `where` (B, L')."""
+        and levels; optionally the sampler's distributions `probs` (n, V) at the slots `where` (B, L'), then
+        `logits` is read only at the revealed slots (without `probs`, at every masked slot)."""
         cfg = self.config
         if probs is None:
             where, probs = masked, token_probs(logits[masked], self.mask_id, cfg.temperature, cfg.top_p,

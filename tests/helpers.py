@@ -54,3 +54,52 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = "") 
     diff = (a.double() - b.double()).abs()
     assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
     assert diff.max() <= atol, f"{what}: max |diff| {diff.max():.3e} (mean {diff.mean():.3e}) > {atol:.1e}"
+
+
+def naive_sample(model: BD3LM, prompt: list[int], config, seed: int, n_new: int) -> tuple[list[int], int]:
+    """Reference sampler for one row at temperature > 0: no cache, no batching, no commit; every pass is a
+    block-causal forward over the whole sequence (windowed past model_length) computing every slot's
+    logits. The row's generator is drawn from in the samplers' order: first-hitting the position, then the
+    token; DDPM a coin per masked slot, then the revealed tokens; threshold a token at every masked slot.
+    DDPM passes only when the block changed (caching). Returns the tokens and the passes."""
+    from bd3_plugin.sampling import ddpm_reveal_probability, draw_tokens, greedy_positions, token_probs
+
+    gen, size, mask_id = torch.Generator().manual_seed(seed), model.config.block_size, model.config.mask_id
+    whole = len(prompt) // size * size
+    seq, block = list(prompt[:whole]), list(prompt[whole:]) + [mask_id] * (size - len(prompt) + whole)
+    out, passes, tail, steps = [], 0, len(prompt) - whole, config.steps or size
+    rand = lambda *shape: torch.rand(shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    while len(out) < n_new:
+        grid, changed = 0, True
+        while mask_id in block:
+            masked = [i for i in range(size) if block[i] == mask_id]
+            if changed:
+                with torch.no_grad():
+                    logits = model(torch.tensor([seq + block]))[0, -size:]
+                passes += 1
+            q = token_probs(logits, mask_id, config.temperature, config.top_p, config.top_k)  # (L', V)
+            if config.algorithm == "first_hitting":
+                reveal = [masked[int(rand(1).item() * len(masked))]]
+                new = {i: int(draw_tokens(q[i : i + 1], rand(1, q.shape[1]))[0]) for i in reveal}
+            elif config.algorithm == "ddpm":
+                coins = rand(len(masked)).tolist()
+                p = ddpm_reveal_probability(1 - grid / steps, 1 - (grid + 1) / steps)
+                reveal = [i for i, u in zip(masked, coins) if u < p]
+                drawn = draw_tokens(q[reveal], rand(len(reveal), q.shape[1])) if reveal else []
+                new = dict(zip(reveal, map(int, drawn)))
+            else:
+                drawn = draw_tokens(q[masked], rand(len(masked), q.shape[1]))
+                new = dict(zip(masked, map(int, drawn)))
+                conf = {i: q[i, t].item() for i, t in new.items()}
+                reveal = [i for i in masked if conf[i] >= config.threshold]
+                if not reveal:
+                    c = torch.tensor([conf.get(i, -1.0) for i in range(size)], dtype=torch.float64)
+                    one = greedy_positions(c[None], torch.tensor([[block[i] == mask_id for i in range(size)]]),
+                                           torch.tensor([1]))[0]
+                    reveal = [int(one.nonzero()[0])]
+            for i in reveal:
+                block[i] = new[i]
+            changed, grid = bool(reveal) or config.algorithm != "ddpm", grid + 1
+        out += block[tail:]
+        seq, block, tail = seq + block, [mask_id] * size, 0
+    return out[:n_new], passes

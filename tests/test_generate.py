@@ -78,7 +78,7 @@ def test_first_hitting_spends_one_pass_per_token():
     g = out.generations[0]
     # 1 masked slot in the prompt's block, then 3 full blocks: 13 reveals, 13 denoising passes.
     assert out.denoise_passes == g.denoise_steps == 13 and sorted(g.reveal_steps) == list(range(1, 14))
-    assert out.commit_passes == 3  # blocks 1-3 are committed; the last block needs no commit
+    assert out.commit_passes == 0  # blocks 0-2 are stored by the next block's first pass, the last never
 
 
 def test_ddpm_caching_never_spends_more_passes_than_tokens():

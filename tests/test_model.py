@@ -13,7 +13,8 @@ def cached_block_logits(model, x: torch.Tensor, prefill_blocks: int = 0) -> torc
     out = []
     start = prefill_blocks * size
     if start:
-        out.append(model.commit(x[:, :start], pos[:, :start], cache))
+        out.append(model(x[:, :start]))  # the committed blocks' own logits: a commit computes none
+        model.commit(x[:, :start], pos[:, :start], cache)
     for s in range(start, n, size):
         out.append(model.denoise(x[:, s : s + size], pos[:, s : s + size], cache))
         model.commit(x[:, s : s + size], pos[:, s : s + size], cache)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bd3_plugin.sampling import (ddpm_greedy_count, ddpm_step, draw_tokens, first_hitting_step, greedy_positions,
-                                 nucleus_filter, threshold_step, token_probs, top_k_filter)
+from bd3_plugin.sampling import (ddpm_greedy_count, ddpm_step, draw_tokens, first_hitting_choice, first_hitting_step,
+                                 greedy_positions, nucleus_filter, threshold_step, token_probs, top_k_filter)
 
 
 def naive_nucleus(p: list[float], top_p: float) -> list[float]:
@@ -91,8 +91,10 @@ def test_first_hitting_reveals_one_uniform_position():
     gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
     counts = torch.zeros(4)
     for _ in range(3000):
-        reveal, tokens = first_hitting_step(logits, masked, gens, mask_id=8, temperature=1.0, top_p=1.0)
-        assert reveal[0].sum() == 1 and not reveal[1].any() and not (reveal & ~masked).any()
+        read = first_hitting_choice(masked, gens, 1.0)
+        reveal, tokens = first_hitting_step(logits, read, gens, mask_id=8, temperature=1.0, top_p=1.0)
+        assert torch.equal(reveal, read) and reveal[0].sum() == 1
+        assert not reveal[1].any() and not (reveal & ~masked).any()
         assert (tokens[reveal] != 8).all()
         counts += reveal[0].float()
     assert counts[2] == 0 and ((counts[[0, 1, 3]] / 3000 - 1 / 3).abs() < 0.035).all(), counts
@@ -167,7 +169,9 @@ def test_temperature_zero_steps_are_greedy_and_draw_nothing(algorithm):
     states = [g.get_state() for g in gens]
     kw = dict(mask_id=8, temperature=0.0, top_p=1.0)
     if algorithm == "first_hitting":
-        reveal, tokens = first_hitting_step(logits, masked, gens, **kw)
+        read = first_hitting_choice(masked, gens, 0.0)
+        assert torch.equal(read, masked)  # the greedy position depends on the logits: read every mask
+        reveal, tokens = first_hitting_step(logits, read, gens, **kw)
         count = [1, 1, 0]
     elif algorithm == "ddpm":
         reveal, tokens = ddpm_step(logits, masked, gens, t=0.5, s=0.25, **kw)
@@ -186,7 +190,7 @@ def test_temperature_zero_steps_are_greedy_and_draw_nothing(algorithm):
 
 def _step(algorithm, logits, masked, gens, **kw):
     if algorithm == "first_hitting":
-        return first_hitting_step(logits, masked, gens, **kw)
+        return first_hitting_step(logits, first_hitting_choice(masked, gens, kw["temperature"]), gens, **kw)
     if algorithm == "ddpm":
         return ddpm_step(logits, masked, gens, t=0.6, s=0.2, **kw)
     return threshold_step(logits, masked, gens, threshold=0.5, **kw)

@@ -383,12 +383,14 @@ def test_a_trajectory_survives_a_json_round_trip():
     assert any(t.steps.logprob_select.isnan().any() for t in out.trajectories)  # NaN went through as null
 
 
-def test_another_engine_records_the_same_trajectory_through_the_denoise_block_seam():
+@pytest.mark.parametrize("algorithm", ["ddpm", "first_hitting"])
+def test_another_engine_records_the_same_trajectory_through_the_denoise_block_seam(algorithm):
     """A cache-free engine (one block-causal forward over the whole sequence per pass, one row) that
-    drives `denoise_block` with a `BlockRecorder` and a `TrajectoryBuilder`, as the vLLM runner would."""
+    drives `denoise_block` with a `BlockRecorder` and a `TrajectoryBuilder`, as the vLLM runner would.
+    Its logits are zero outside the slots read, so the recorder must touch no other slot."""
     model = random_model()
     size, mask_id = model.config.block_size, model.config.mask_id
-    cfg = sampler("ddpm", temperature=0.9, top_p=0.9)
+    cfg = sampler(algorithm, temperature=0.9, top_p=0.9)
     core = generate(model, PROMPTS, cfg, seeded_generators(range(4)), record=True).trajectories
     for row, prompt in enumerate(PROMPTS):
         gen = torch.Generator().manual_seed(row)
@@ -399,7 +401,10 @@ def test_another_engine_records_the_same_trajectory_through_the_denoise_block_se
         while len(out) < cfg.max_new_tokens:
             block = torch.full((1, size), mask_id)
             block[0, :tail] = torch.tensor(prompt[whole:], dtype=torch.long)
-            forward = lambda b: model(torch.cat((torch.tensor([seq], dtype=torch.long), b), dim=1))[:, -size:]  # noqa: E731
+            def forward(b, read, seq=seq):
+                logits = model(torch.cat((torch.tensor([seq], dtype=torch.long), b), dim=1))[:, -size:]
+                return torch.where(read[..., None], logits, 0.0)
+
             rec = BlockRecorder(cfg, mask_id)
             with torch.no_grad():
                 done = denoise_block(block, forward, cfg, [gen], mask_id, recorder=rec)

@@ -147,8 +147,9 @@ class BD3RunnerMixin:
         block.view(-1)[flat] = input_ids[tokens_at].long()
         block.masked_fill_(placeholder, mask_id)  # the placeholders are masks, whatever was drafted
 
-        def forward(rows_idx: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
-            """One model pass with these rows' blocks in place -> their logits (b, L', V)."""
+        def forward(rows_idx: torch.Tensor, sub: torch.Tensor, read: torch.Tensor | None = None) -> torch.Tensor:
+            """One model pass with these rows' blocks in place -> their logits (b, L', V), all slots computed
+            (a superset of `read`)."""
             block[rows_idx] = sub
             self.forward_passes += 1
             input_ids[tokens_at] = block.view(-1)[flat].to(input_ids.dtype)
