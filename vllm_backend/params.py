@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from bd3_plugin.generate import SamplerConfig
 
-KEYS = ("algorithm", "steps", "threshold", "block_size")
+TRACE_KEY = "bd3_trajectory"  # record the request's trajectory, under this trace key (see traces.py)
+TRACE_PREFIX = "bd3-trace-"
+KEYS = ("algorithm", "steps", "threshold", "block_size", TRACE_KEY)
+TRACE_HOW = ("vllm_xargs bd3_trajectory: true needs the trace middleware of `bd3 serve` (--middleware "
+             "vllm_backend.traces.attach_trajectories); from Python use "
+             "vllm_backend.traces.generate_with_trajectories")
+
+
+def check_trace_key(value) -> None:
+    """Off (absent, false, 0) or a key made by `traces.py`; `true` reaching the engine means that no front
+    end will fetch the trajectory, so it is refused rather than recorded and dropped."""
+    if value in (None, False, 0):
+        return
+    if not (isinstance(value, str) and value.startswith(TRACE_PREFIX)):
+        raise ValueError(TRACE_HOW)
 
 
 def sampler_config(params, block_size: int) -> SamplerConfig:
@@ -16,6 +30,7 @@ def sampler_config(params, block_size: int) -> SamplerConfig:
     requested = extra.get("block_size")
     if requested is not None and requested != block_size:
         raise ValueError(f"block_size {requested} does not match the checkpoint's block size {block_size}")
+    check_trace_key(extra.get(TRACE_KEY))
     temperature = 0.0 if params.temperature < 1e-5 else float(params.temperature)
     top_k = max(params.top_k or 0, 0)  # vLLM's off is 0 or -1 (and it resets top_k to 0 at temperature 0)
     # SamplerConfig checks the algorithm, steps and threshold (ValueError naming the field).

@@ -22,7 +22,7 @@ from . import fields, hf_config
 from .params import sampler_config
 
 LOGLIKELIHOOD_HINT = ("lm_eval --model vllm cannot score log-likelihoods with a BD3 checkpoint (the vLLM "
-                      "backend computes no logprobs); use --model bd3 for loglikelihood tasks")
+                      "backend computes no prompt logprobs); use --model bd3 for loglikelihood tasks")
 
 
 def check_params(params, block_size: int) -> None:
