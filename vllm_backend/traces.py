@@ -29,6 +29,7 @@ ROUTES = ("/v1/completions", "/v1/chat/completions")
 NO_STREAM = ("bd3_trajectory cannot be streamed: a trajectory is complete only when the request is; send the "
              "request with stream false")
 ONE_PROMPT = "bd3_trajectory takes one prompt per request (use n for several choices of one prompt)"
+NOT_BOOL = "bd3_trajectory must be true or false, got {!r}"
 
 
 def new_key() -> str:
@@ -88,6 +89,8 @@ async def attach_trajectories(request, call_next):
         return await call_next(request)  # vLLM answers malformed JSON itself
     if not _asks(body):
         return await call_next(request)
+    if body["vllm_xargs"][TRACE_KEY] is not True:
+        return _error(NOT_BOOL.format(body["vllm_xargs"][TRACE_KEY]), TRACE_KEY)
     if body.get("stream"):
         return _error(NO_STREAM, TRACE_KEY)
     if request.url.path == ROUTES[0] and _several_prompts(body.get("prompt")):
