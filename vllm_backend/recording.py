@@ -26,7 +26,6 @@ from bd3_plugin.trajectory import BlockRecorder, TrajectoryBuilder, raw_log_prob
 
 from .params import TRACE_KEY
 
-MODES = ("raw_logprobs", "processed_logprobs")
 KEEP_FINISHED = 1024  # finished, unfetched trajectories kept per worker (oldest dropped first)
 
 

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import TYPE_CHECKING
 
 from bd3_plugin.trajectory import Trajectory
 
 from .params import TRACE_KEY, TRACE_PREFIX
 from .validate import _authenticated, _error, _is_bd3
+
+if TYPE_CHECKING:
+    import vllm
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 NO_STREAM = ("bd3_trajectory cannot be streamed: a trajectory is complete only when the request is; send the "
@@ -44,7 +48,8 @@ def choice_end(n_tokens: int, finish_reason: str | None, stop_reason) -> tuple[i
     return n_tokens, finish_reason or "length"
 
 
-def generate_with_trajectories(llm, prompts: list[list[int]], params) -> list[list[Trajectory]]:
+def generate_with_trajectories(llm: vllm.LLM, prompts: list[list[int]], params: vllm.SamplingParams
+                               ) -> list[list[Trajectory]]:
     """`llm.generate` on token-id prompts with `params` (a vllm.SamplingParams), returning each prompt's
     choices' trajectories (outer list: prompts in order; inner: the n choices in order). The tokens are
     those `llm.generate` returns for the same request: recording draws nothing."""
