@@ -55,7 +55,8 @@ def run_engine(spec, multiprocess=False):
 @pytest.fixture(scope="module")
 def engine(ckpt):
     prompts = [ckpt.encode(t) for t in TEXTS]
-    return prompts, run_engine({"checkpoint": str(checkpoint_path(4)), "prompts": prompts, "cases": CASES})
+    return prompts, run_engine({"checkpoint": str(checkpoint_path(4)), "prompts": prompts, "cases": CASES,
+                                "greedy": True})
 
 
 def core_config(case) -> SamplerConfig:
@@ -166,6 +167,33 @@ def test_engine_in_its_own_processes_gives_the_same_trajectories(engine, ckpt):
             assert_same_trajectory(Trajectory.from_json(mp["cases"][0]["trajectories"][p][choice]), here, "mp")
 
 
+def test_engine_greedy_completions_resume_from_recorded_states(engine, ckpt):
+    """EGSPO's x̂₀ as engine requests that resume from a partly revealed block, against the core's."""
+    from bd3_plugin.generate import greedy_completions
+
+    _, results = engine
+    states = [(Trajectory.from_json(t), b, p) for t, b, p, _ in results["greedy"]]
+    core = greedy_completions(ckpt.model, states, eos_id=ckpt.eos_id)
+    assert [g for *_, g in results["greedy"]] == core
+    assert len(core) > 8 and any(len(g) < 10 for g in core) and any(len(g) == 10 for g in core)
+
+
+def test_a_resume_block_outside_the_vocabulary_is_refused_in_the_front_end(monkeypatch):
+    from vllm import SamplingParams
+    from vllm_backend import hf_config
+    from vllm_backend.validate import BD3RequestValidator
+
+    monkeypatch.setattr(hf_config, "ACTIVE_BLOCK_SIZE", None)
+    monkeypatch.setattr(hf_config, "ACTIVE_VOCAB_SIZE", None)
+    hf_config.BD3HFConfig(**json.loads((checkpoint_path(4) / "config.json").read_text()))  # as vLLM reads it
+    hf_config.BD3HFConfig()  # transformers' default instance must not change what is served
+    assert (hf_config.ACTIVE_BLOCK_SIZE, hf_config.ACTIVE_VOCAB_SIZE) == (4, 102)
+    BD3RequestValidator.validate_params(SamplingParams(extra_args={"resume_block": [2, 2, 5, 101]}))
+    for bad in ([2, 2, 5, 102], [2, 2, 5], [2, 2, 5, -1], [2, 2, 5, True]):
+        with pytest.raises(ValueError, match="^resume_block must be a list of 4 token ids"):
+            BD3RequestValidator.validate_params(SamplingParams(extra_args={"resume_block": bad}))
+
+
 def test_logprobs_modes_vllm_cannot_be_honoured_are_refused_at_start():
     from vllm.engine.arg_utils import EngineArgs
 
@@ -238,6 +266,8 @@ def test_bad_trace_and_logprob_requests_are_one_line_400s(server):
         ({"prompt_logprobs": 1}, "prompt_logprobs", "prompt_logprobs is not supported by the BD3 backend"),
         ({"echo": True, "logprobs": 1}, "prompt_logprobs", "prompt_logprobs is not supported by the BD3 backend"),
         ({"vllm_xargs": {"bd3_trajectory": "mine"}}, "bd3_trajectory", "bd3_trajectory must be true or false"),
+        ({"vllm_xargs": {"resume_block": [1, 2]}}, None, "resume_block must be a list of 4 token ids"),
+        ({"vllm_xargs": {"resume_block": [1, 2, 3, 999]}}, None, "resume_block must be a list of 4 token ids"),
     ]:
         r = post(server, "completions", base_body | extra)
         assert r.status_code == 400, (extra, r.status_code, r.text[:300])

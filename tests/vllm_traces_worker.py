@@ -39,6 +39,20 @@ def _refusal(llm, prompts):
     return None
 
 
+def _greedy(llm, case_result):
+    """Greedy one-step completions from every third recorded step of the first case's rollouts."""
+    from bd3_plugin.trajectory import Trajectory
+    from vllm_backend.traces import greedy_completions
+
+    states = []
+    for row in case_result["trajectories"]:
+        t = Trajectory.from_json(row[0])
+        states += [(t, int(t.steps.block[k]), int(t.steps.pass_index[k])) for k in range(0, len(t.steps.block), 3)]
+    states.append((states[0][0], int(states[0][0].block[-1]), int(states[0][0].reveal_pass.max()) + 1))
+    got = greedy_completions(llm, states)
+    return [[t.to_json(), b, p, g] for (t, b, p), g in zip(states, got)]
+
+
 if __name__ == "__main__":
     from vllm import LLM
 
@@ -46,5 +60,7 @@ if __name__ == "__main__":
     llm = LLM(spec["checkpoint"], max_model_len=spec.get("max_model_len", 128), seed=0, enforce_eager=True)
     results = {"cases": [_case(llm, spec["prompts"], case) for case in spec["cases"]],
                "refusal": _refusal(llm, [{"prompt_token_ids": p} for p in spec["prompts"]])}
+    if spec.get("greedy"):
+        results["greedy"] = _greedy(llm, results["cases"][0])
     print("RESULTS " + json.dumps(results))
     sys.exit(0)

@@ -34,7 +34,7 @@ HONOURED = {
     "top_p": "the block sampler's nucleus (the token that crosses p is excluded)",
     "top_k": "the block sampler keeps the k most probable tokens (ties: lowest id), then applies top_p",
     "seed": "a per-request generator owned by the runner",
-    "extra_args": "the request's vllm_xargs: algorithm, steps, threshold, block_size, bd3_trajectory",
+    "extra_args": "the request's vllm_xargs: algorithm, steps, threshold, block_size, bd3_trajectory, resume_block",
     "max_tokens": "the scheduler cuts the block at the limit",
     "stop": "stop strings, applied by the detokenizer",
     "stop_token_ids": "the scheduler stops at the token inside the block",

@@ -21,6 +21,7 @@ from bd3_plugin.denoise import denoise_block
 
 from .params import sampler_config
 from .recording import RunnerTraces
+from .resume import Resumes
 
 
 def _query_positions(cm, q_lens: torch.Tensor) -> torch.Tensor:
@@ -72,6 +73,7 @@ class BD3RunnerMixin:
         self.forward_passes = 0  # model passes run by this runner (benchmarks read it)
         self.traces = RunnerTraces(self.bd3.block_size, self.bd3.mask_id, self.bd3.vocab_size,
                                    vllm_config.model_config.logprobs_mode)
+        self.resumes = Resumes()
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def _update_states(self, scheduler_output):
@@ -82,6 +84,7 @@ class BD3RunnerMixin:
         for rid in scheduler_output.finished_req_ids:
             self._generators.pop(rid, None)
         self.traces.finish(scheduler_output.finished_req_ids)
+        self.resumes.finish(scheduler_output.finished_req_ids)
         return out
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
@@ -152,6 +155,7 @@ class BD3RunnerMixin:
         block = torch.zeros(len(rows), size, dtype=torch.long, device=self.device)  # (B, L')
         block.view(-1)[flat] = input_ids[tokens_at].long()
         block.masked_fill_(placeholder, mask_id)  # the placeholders are masks, whatever was drafted
+        self.resumes.apply(block, rows, placeholder, self.requests)
 
         def forward(rows_idx: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
             """One model pass with these rows' blocks in place -> their logits (b, L', V)."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from bd3_plugin.trajectory import Trajectory
 
-from .params import TRACE_KEY, TRACE_PREFIX
+from .params import RESUME_KEY, TRACE_KEY, TRACE_PREFIX
 from .validate import _authenticated, _error, _is_bd3
 
 if TYPE_CHECKING:
@@ -69,6 +69,38 @@ def generate_with_trajectories(llm: vllm.LLM, prompts: list[list[int]], params: 
               for key, out in zip(keys, outputs)]
     rows = llm.collective_rpc("bd3_take_trajectories", args=(wanted,))[0]
     return [[Trajectory.from_json(d) for d in row] for row in rows]
+
+
+def greedy_completions(llm: vllm.LLM, states: list[tuple[Trajectory, int, int]],
+                       max_new_tokens: int | None = None) -> list[list[int]]:
+    """The engine's `bd3_plugin.generate.greedy_completions`: from each recorded state (trajectory, block b,
+    pass p), block b as it stood at pass p with its masked slots filled by argmax in one pass, then each
+    later block in one pass, to the engine's EOS (not returned) or the length limit (default: the rollout's).
+    Each state is one request that resumes from the partly revealed block (`vllm_xargs.resume_block`)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
+    done, requests = [], []
+    for traj, b, p in states:
+        size, state = traj.block_size, traj.state(b, p)  # checks that block b was denoised
+        before = (b - traj.first_block) * size  # the denoised slots before block b, all in the output
+        head = traj.tokens[:before][traj.reveal_pass[:before] > 0].tolist()
+        tail = list(traj.prompt[b * size :]) if b == traj.first_block else []
+        limit = max_new_tokens or traj.sampler.max_new_tokens
+        done.append(head[:limit])
+        if len(head) < limit:
+            params = SamplingParams(temperature=0.0, max_tokens=limit - len(head), extra_args={
+                "algorithm": "threshold", "threshold": 1.0 / vocab, RESUME_KEY: state.tolist()})
+            requests.append((len(done) - 1, TokensPrompt(prompt_token_ids=traj.sequence()[: b * size].tolist() + tail),
+                             params))
+    if requests:
+        outputs = llm.generate([r[1] for r in requests], [r[2] for r in requests], use_tqdm=False)
+        for (i, _, _), out in zip(requests, outputs):
+            c = out.outputs[0]
+            n, _ = choice_end(len(c.token_ids), c.finish_reason, c.stop_reason)
+            done[i] += list(c.token_ids[:n])
+    return done
 
 
 # ---- server ----------------------------------------------------------------------------------------------
@@ -130,4 +162,4 @@ async def _with_trajectories(engine, data: dict, key: str, asked_ids: bool):
     return JSONResponse(data)
 
 
-__all__ = ["attach_trajectories", "choice_end", "generate_with_trajectories", "new_key"]
+__all__ = ["attach_trajectories", "choice_end", "generate_with_trajectories", "greedy_completions", "new_key"]
