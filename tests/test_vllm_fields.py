@@ -23,7 +23,7 @@ README = Path(__file__).parents[1] / "vllm_backend" / "README.md"
 # A value that asks for the feature, for every refused SamplingParams field.
 ASKS = {
     "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "min_p": 0.1,
-    "min_tokens": 3, "logprobs": 1, "prompt_logprobs": 0, "prompt_logprob_start": 0, "logprob_token_ids": [5],
+    "min_tokens": 3, "prompt_logprobs": 0, "prompt_logprob_start": 0, "logprob_token_ids": [5],
     "structured_outputs": StructuredOutputsParams(regex="a+"), "logit_bias": {5: 1.0},
     "allowed_token_ids": [5, 6], "bad_words": ["cow"], "thinking_token_budget": 4,
     "repetition_detection": RepetitionDetectionParams(max_pattern_size=2, min_count=2),

@@ -147,8 +147,8 @@ REFUSED = [("min_tokens", 3), ("repetition_penalty", 1.3), ("presence_penalty", 
            ("logit_bias", {"5": 2.0}), ("min_p", 0.1), ("prompt_logprobs", 1),
            ("structured_outputs", {"regex": "a+"}), ("response_format", {"type": "json_object"}),
            ("use_beam_search", True), ("best_of", 2), ("guided_json", {"type": "object"})]
-COMPLETION_ONLY = [("logprobs", 2)]
-CHAT_ONLY = [("logprobs", True)]
+COMPLETION_ONLY = [("suffix", "b")]
+CHAT_ONLY = []
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -72,6 +72,13 @@ def _check_parallel(args) -> None:
             raise BD3ConfigError(f"{flag} {value}: BD3 checkpoints run on one device (the DiT is not sharded)")
 
 
+def _check_logprobs_mode(args) -> None:
+    mode = getattr(args, "logprobs_mode", "raw_logprobs")
+    if mode not in ("raw_logprobs", "processed_logprobs"):
+        raise BD3ConfigError(f"--logprobs-mode {mode}: BD3 checkpoints return raw_logprobs (the model at temperature "
+                             f"1) or processed_logprobs (the distribution sampled), both at each token's reveal pass")
+
+
 def _check_cuda_graphs(args) -> None:
     mode = args.compilation_config.cudagraph_mode
     if mode is not None and "FULL" in getattr(mode, "name", str(mode)).upper():
@@ -122,6 +129,7 @@ def apply(args, platform=None) -> None:
         raise BD3ConfigError("VLLM_USE_V2_MODEL_RUNNER=1: BD3 checkpoints run on vLLM's V1 model runner "
                              "(several model passes per step); unset it or set it to 0")
     dtype = _dtype(args)
+    _check_logprobs_mode(args)
     _check_parallel(args)
     _check_cuda_graphs(args)
     backend = _attention_backend(args, device, dtype)

@@ -34,7 +34,7 @@ HONOURED = {
     "top_p": "the block sampler's nucleus (the token that crosses p is excluded)",
     "top_k": "the block sampler keeps the k most probable tokens (ties: lowest id), then applies top_p",
     "seed": "a per-request generator owned by the runner",
-    "extra_args": "the request's vllm_xargs: algorithm, steps, threshold, block_size",
+    "extra_args": "the request's vllm_xargs: algorithm, steps, threshold, block_size, bd3_trajectory, resume_block",
     "max_tokens": "the scheduler cuts the block at the limit",
     "stop": "stop strings, applied by the detokenizer",
     "stop_token_ids": "the scheduler stops at the token inside the block",
@@ -45,11 +45,13 @@ HONOURED = {
     "spaces_between_special_tokens": "detokenizer",
     "output_kind": "streamed or final output",
     "stream_interval": "tokens per streamed chunk (a block step delivers a whole block at once)",
+    "logprobs": "reveal-time log-probabilities of each token and its top alternatives (--logprobs-mode raw_logprobs "
+                "or processed_logprobs)",
+    "flat_logprobs": "vLLM's container for the logprobs",
 }
 
 # Accepted and without effect on the tokens, for the reason given.
 HARMLESS = {
-    "flat_logprobs": "shapes logprobs, which are refused",
     "skip_clone": "vLLM internal",
     "output_text_buffer_length": "vLLM internal",
     "_eos_token_id": "vLLM internal",
@@ -65,6 +67,10 @@ def _penalty(neutral: float) -> Callable[[Any], bool]:
     return lambda v: v is not None and v != neutral
 
 
+_NO_PROMPT_LOGPROBS = ("a prompt token's log-probability is a NELBO term under block diffusion, not one number "
+                       "(also set by echo with logprobs); score prompts with lm_eval --model bd3 or "
+                       "bd3_plugin.scoring")
+
 # SamplingParams fields the runner does not apply: a request that sets one gets a 400 naming it.
 REFUSED = {
     "presence_penalty": Refused(_penalty(0.0), "the block sampler applies no penalties"),
@@ -72,11 +78,10 @@ REFUSED = {
     "repetition_penalty": Refused(_penalty(1.0), "the block sampler applies no penalties"),
     "min_p": Refused(lambda v: bool(v and v > 0), "the block sampler filters by top_k and top_p only"),
     "min_tokens": Refused(lambda v: bool(v and v > 0), "a block can end in EOS at any length"),
-    "logprobs": Refused(_not_none, "the backend computes no logprobs"),
-    "prompt_logprobs": Refused(_not_none, "the backend computes no logprobs"),
-    "prompt_logprob_token_ids": Refused(_not_none, "the backend computes no logprobs"),
-    "prompt_logprob_start": Refused(_not_none, "the backend computes no logprobs"),
-    "logprob_token_ids": Refused(_truthy, "the backend computes no logprobs"),
+    "prompt_logprobs": Refused(_not_none, _NO_PROMPT_LOGPROBS),
+    "prompt_logprob_token_ids": Refused(_not_none, _NO_PROMPT_LOGPROBS),
+    "prompt_logprob_start": Refused(_not_none, _NO_PROMPT_LOGPROBS),
+    "logprob_token_ids": Refused(_truthy, "logprobs of chosen token ids are not computed; use logprobs (top k)"),
     "structured_outputs": Refused(_not_none, "the block sampler has no grammar constraints"),
     "logit_bias": Refused(_truthy, "the block sampler applies no logit bias"),
     "allowed_token_ids": Refused(_not_none, "the block sampler does not restrict the vocabulary"),
@@ -89,7 +94,7 @@ REFUSED = {
 
 # Request-body fields that SamplingParams does not carry (or carries under another name).
 BODY_REFUSED = {
-    "use_beam_search": Refused(_truthy, "beam search needs logprobs, which the backend does not compute"),
+    "use_beam_search": Refused(_truthy, "beam search extends one token at a time; blocks are decoded whole"),
     "length_penalty": Refused(_penalty(1.0), "beam search only, which is refused"),
     "suffix": Refused(_not_none, "no fill-in-the-middle"),
     "prompt_embeds": Refused(_not_none, "the model takes token ids"),

@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 from bd3_plugin.config import BD3Config
 
 ACTIVE_BLOCK_SIZE: int | None = None  # set once a BD3 config is parsed in this process (a BD3 server)
+ACTIVE_VOCAB_SIZE: int | None = None  # likewise, from a checkpoint's config (not a default-constructed one)
 
 _ALIASES = {"hidden_size": "hidden_dim", "num_attention_heads": "n_heads", "num_hidden_layers": "n_blocks",
             "max_position_embeddings": "model_length"}
@@ -27,8 +28,10 @@ class BD3HFConfig(PretrainedConfig):
         self.sampling_eps_min, self.sampling_eps_max = sampling_eps_min, sampling_eps_max
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
-        global ACTIVE_BLOCK_SIZE
+        global ACTIVE_BLOCK_SIZE, ACTIVE_VOCAB_SIZE
         ACTIVE_BLOCK_SIZE = block_size
+        if "architectures" in kwargs:  # transformers also builds default instances (e.g. to diff against)
+            ACTIVE_VOCAB_SIZE = vocab_size
 
     def to_bd3(self) -> BD3Config:
         """The core's config: the one validation of every field."""

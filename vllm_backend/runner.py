@@ -20,6 +20,8 @@ from vllm.v1.outputs import SamplerOutput
 from bd3_plugin.denoise import denoise_block
 
 from .params import sampler_config
+from .recording import RunnerTraces
+from .resume import Resumes
 
 
 def _query_positions(cm, q_lens: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,9 @@ class BD3RunnerMixin:
         self._blocks: dict[str, list[int]] = {}  # req_id -> tokens decoded in this step
         self._generators: dict[str, torch.Generator] = {}
         self.forward_passes = 0  # model passes run by this runner (benchmarks read it)
+        self.traces = RunnerTraces(self.bd3.block_size, self.bd3.mask_id, self.bd3.vocab_size,
+                                   vllm_config.model_config.logprobs_mode)
+        self.resumes = Resumes()
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def _update_states(self, scheduler_output):
@@ -78,6 +83,8 @@ class BD3RunnerMixin:
         self.input_batch.generators.clear()
         for rid in scheduler_output.finished_req_ids:
             self._generators.pop(rid, None)
+        self.traces.finish(scheduler_output.finished_req_ids)
+        self.resumes.finish(scheduler_output.finished_req_ids)
         return out
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
@@ -139,6 +146,8 @@ class BD3RunnerMixin:
         step = self._step
         self._blocks = {}
         rows = self._block_rows(step) if step is not None and step.scheduled_spec_decode_tokens else []
+        if step is not None:
+            self.traces.begin_step(self.requests, step, [r[0] for r in rows])
         if not rows:
             return run(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
         size, mask_id = self.bd3.block_size, self.bd3.mask_id
@@ -146,6 +155,7 @@ class BD3RunnerMixin:
         block = torch.zeros(len(rows), size, dtype=torch.long, device=self.device)  # (B, L')
         block.view(-1)[flat] = input_ids[tokens_at].long()
         block.masked_fill_(placeholder, mask_id)  # the placeholders are masks, whatever was drafted
+        self.resumes.apply(block, rows, placeholder, self.requests)
 
         def forward(rows_idx: torch.Tensor, sub: torch.Tensor, read: torch.Tensor | None = None) -> torch.Tensor:
             """One model pass with these rows' blocks in place -> their logits (b, L', V), all slots computed
@@ -164,8 +174,10 @@ class BD3RunnerMixin:
             idx = torch.tensor(members, device=self.device)
             sub = block[idx].clone()
             gens = [self._generator(rows[r][0]) for r in members]
-            denoise_block(sub, functools.partial(forward, idx), config, gens, mask_id)
+            recorder = self.traces.recorder(config, self.requests, [rows[r][0] for r in members])
+            done = denoise_block(sub, functools.partial(forward, idx), config, gens, mask_id, recorder=recorder)
             block[idx] = sub
+            self.traces.block_done(self.requests, [rows[r] for r in members], recorder, done, sub, config, gens)
         input_ids[tokens_at] = block.view(-1)[flat].to(input_ids.dtype)
         hidden = run(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
         decoded = block.cpu()  # the step's one read of the decoded blocks
@@ -191,12 +203,17 @@ class BD3RunnerMixin:
             tokens = self._blocks.get(rid)
             if tokens:
                 out[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
-        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+        logprobs = self.traces.logprobs_tensors(self.input_batch.req_ids[:n], width, self._blocks)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs)
 
 
 class BD3WorkerMixin:
-    """What both BD3 workers add to vLLM's worker: the pass counter over RPC."""
+    """What both BD3 workers add to vLLM's worker: the pass counter and the recorded trajectories over RPC."""
 
     def bd3_forward_passes(self) -> int:
         """Model passes so far (for `LLM.collective_rpc("bd3_forward_passes")`)."""
         return self.model_runner.forward_passes
+
+    def bd3_take_trajectories(self, wanted: list) -> list:
+        """Recorded trajectories as JSON, removed from the worker (`vllm_backend.traces` calls it)."""
+        return self.model_runner.traces.take(wanted)

@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 
-# Request validation (400s, streaming or not) and the weight-update routes (/bd3/update_weights,
-# /bd3/weight_info).
-MIDDLEWARE = ("vllm_backend.validate.check_request", "vllm_backend.weights.weight_routes")
+# Request validation (400s, streaming or not), the weight-update routes (/bd3/update_weights,
+# /bd3/weight_info) and trajectories in responses. The last is outermost (vLLM adds them in order): the
+# trace middleware sets its trace key before validation sees the request.
+MIDDLEWARE = ("vllm_backend.validate.check_request", "vllm_backend.weights.weight_routes",
+              "vllm_backend.traces.attach_trajectories")
 
 
 def flag_names(args: list[str]) -> set[str]:

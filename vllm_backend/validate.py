@@ -19,10 +19,10 @@ from vllm.exceptions import VLLMClientError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from . import fields, hf_config
-from .params import sampler_config
+from .params import RESUME_KEY, check_resume_block, sampler_config
 
 LOGLIKELIHOOD_HINT = ("lm_eval --model vllm cannot score log-likelihoods with a BD3 checkpoint (the vLLM "
-                      "backend computes no logprobs); use --model bd3 for loglikelihood tasks")
+                      "backend computes no prompt logprobs); use --model bd3 for loglikelihood tasks")
 
 
 def check_params(params, block_size: int) -> None:
@@ -48,6 +48,8 @@ class BD3RequestValidator(LogitsProcessor):
             print(f"error: {LOGLIKELIHOOD_HINT}", file=sys.stderr)
             raise SystemExit(2)
         check_params(sampling_params, hf_config.ACTIVE_BLOCK_SIZE)
+        check_resume_block((sampling_params.extra_args or {}).get(RESUME_KEY), hf_config.ACTIVE_BLOCK_SIZE,
+                           hf_config.ACTIVE_VOCAB_SIZE)
 
     def __init__(self, vllm_config, device, is_pin_memory) -> None:
         pass
@@ -92,7 +94,9 @@ async def check_request(request, call_next):
         refused = fields.refusal(params)
         if refused is not None:
             return _error(refused[1], refused[0])
-        sampler_config(params, vllm_config.model_config.hf_config.block_size)
+        hf = vllm_config.model_config.hf_config
+        sampler_config(params, hf.block_size)
+        check_resume_block((params.extra_args or {}).get(RESUME_KEY), hf.block_size, hf.vocab_size)
         if route == "completion" and parsed.stream:
             _check_lengths(request.app.state, body, vllm_config.model_config.max_model_len)
     except (ValueError, TypeError, VLLMClientError) as err:  # vLLM's own checks of SamplingParams included
