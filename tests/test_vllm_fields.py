@@ -155,3 +155,13 @@ def test_bd3_serve_refuses_a_flag_given_twice(monkeypatch, capsys):
     assert cli.main(["serve", str(checkpoint_path(4)), "--port", "1", "--", "--port", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["bd3 serve: error: --port is given twice (to bd3 serve and among the vLLM arguments)"]
+
+
+def test_a_default_config_built_after_the_checkpoints_keeps_its_block_size(monkeypatch):
+    """transformers builds default-argument configs (to diff against); they must not reset the block size
+    and vocabulary that request validation reads from the served checkpoint's config."""
+    monkeypatch.setattr(hf_config, "ACTIVE_BLOCK_SIZE", None)
+    monkeypatch.setattr(hf_config, "ACTIVE_VOCAB_SIZE", None)
+    hf_config.BD3HFConfig(block_size=16, vocab_size=70, architectures=["BD3LM"])
+    hf_config.BD3HFConfig()
+    assert (hf_config.ACTIVE_BLOCK_SIZE, hf_config.ACTIVE_VOCAB_SIZE) == (16, 70)

@@ -29,8 +29,11 @@ class BD3HFConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         global ACTIVE_BLOCK_SIZE, ACTIVE_VOCAB_SIZE
-        ACTIVE_BLOCK_SIZE = block_size
-        if "architectures" in kwargs:  # transformers also builds default instances (e.g. to diff against)
+        # transformers also builds default instances (e.g. to diff against): only a checkpoint's config
+        # (it names its architectures) sets the active values, or the first config seen when none does.
+        if "architectures" in kwargs or ACTIVE_BLOCK_SIZE is None:
+            ACTIVE_BLOCK_SIZE = block_size
+        if "architectures" in kwargs:
             ACTIVE_VOCAB_SIZE = vocab_size
 
     def to_bd3(self) -> BD3Config:
