@@ -76,7 +76,7 @@ def _metadata(computed, scheduled, seq, table, with_host_seq_lens: bool):
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_split_metadata_gives_block_causal_attention_under_varlen_paged_semantics(block_size):
-    from vllm_backend.runner import split_into_blocks
+    from vllm_backend.block_metadata import split_into_blocks
 
     computed, scheduled, seq, table, k_cache, v_cache, keys, values, queries = _scenario(block_size)
     q = torch.cat(queries)
@@ -101,7 +101,7 @@ def test_split_metadata_gives_block_causal_attention_under_varlen_paged_semantic
 
 
 def test_split_metadata_fields_are_consistent_and_need_no_device_read():
-    from vllm_backend.runner import split_into_blocks
+    from vllm_backend.block_metadata import split_into_blocks
 
     computed, scheduled, seq, table, *_ = _scenario(4)
     from_host = split_into_blocks(_metadata(computed, scheduled, seq, table, with_host_seq_lens=True), 4)
