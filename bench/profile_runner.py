@@ -1,7 +1,7 @@
 """Where a BD3 block step's time goes in vLLM at concurrency 1: cProfile over an in-process engine
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), requests one at a time, the time of each part per model pass.
 
-    python bench/profile_runner.py [--block-size 4] [--tokens 64] [--requests 8] [--algorithm first_hitting]
+    python bench/profile_runner.py [--block-size 4] [--tokens 64] [--requests 8] [--algorithm first_hitting] [--top N]
 
 Parts are functions' cumulative times (a part called inside another counts in both); "model" is the
 backbone over the tokens, "output layer" `compute_logits`, "metadata" the runner's and the attention
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--algorithm", default="first_hitting")
+    ap.add_argument("--top", type=int, default=0, help="also list the N functions with the most own time")
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -87,8 +88,15 @@ def main() -> None:
           f"concurrency 1, {args.requests} requests x {args.tokens} new tokens (under cProfile)")
     print(f"{made} tokens, {passes} model passes ({passes / made:.2f} per token), {seconds:.2f} s, "
           f"{1e3 * seconds / passes:.2f} ms per pass")
-    for label, sec in part_seconds(pstats.Stats(profiler)).items():
+    stats = pstats.Stats(profiler)
+    for label, sec in part_seconds(stats).items():
         print(f"  {label:<36} {1e3 * sec / passes:7.3f} ms/pass  {100 * sec / seconds:5.1f}%")
+    if args.top:
+        print(f"the {args.top} functions with the most own time:")
+        own = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[: args.top]
+        for (path, line, name), (_, calls, tottime, *_rest) in own:
+            where = "/".join(path.split(os.sep)[-2:])
+            print(f"  {1e3 * tottime / passes:7.3f} ms/pass  {calls / passes:6.1f} calls/pass  {where}:{line} {name}")
 
 
 if __name__ == "__main__":

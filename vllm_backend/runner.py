@@ -137,6 +137,7 @@ class BD3RunnerMixin:
         runs the model over these b blocks alone, under attention metadata built once for them."""
         size, pending = self.bd3.block_size, [first]
         tokens = (torch.tensor(starts)[:, None] + torch.arange(size)).flatten().to(self.device)  # (b·L',)
+        where = positions[tokens]
         context: list = []
 
         def forward(block: torch.Tensor, read: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,7 +149,7 @@ class BD3RunnerMixin:
             attn_metadata, slot_mapping = context[0]
             with set_forward_context(attn_metadata, self.vllm_config, num_tokens=len(tokens),
                                      slot_mapping=slot_mapping):
-                hidden = run(block.flatten(), positions[tokens])  # (b·L', D)
+                hidden = run(block.flatten(), where)  # (b·L', D)
             return self._logits(hidden.view(len(starts), size, -1), read)
 
         return forward
