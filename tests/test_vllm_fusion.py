@@ -43,14 +43,20 @@ def reference_logits(ckpt, sequence: list[int], call: dict) -> torch.Tensor:
 
 
 def max_error(ckpt, request: dict, tokens: list[int], calls: list[dict]) -> list[float]:
+    """Per call, the largest difference from the core's logits relative to the largest logit (at least 1):
+    float32 rounding in vLLM's attention and the core's grows with the sequence, about 1e-6 of the logits."""
     sequence = request["prompt"] + tokens
-    return [float((reference_logits(ckpt, sequence, c) - c["logits"][0]).abs().max()) for c in calls]
+    errors = []
+    for c in calls:
+        want = reference_logits(ckpt, sequence, c)
+        errors.append(float((want - c["logits"][0]).abs().max() / want.abs().max().clamp(min=1)))
+    return errors
 
 
 @pytest.mark.slow
 def test_fused_first_pass_writes_the_clean_kv_of_the_previous_block(tmp_path):
     """Every logits call of a request, first pass of a step or a pass over its block alone, equals the
-    core's block-causal forward over the clean sequence within 1e-5: the previous block's K/V in the
+    core's block-causal forward over the clean sequence within 1e-5 (relative to the largest logit): the previous block's K/V in the
     paged cache is the clean one, though no pass committed it. Without the recompute it is not."""
     ckpt = load_checkpoint(checkpoint_path(4))
     runs = [[{"prompt": ckpt.encode(t), "algorithm": "first_hitting", "temperature": 1.0, "max_tokens": 13,
@@ -65,7 +71,7 @@ def test_fused_first_pass_writes_the_clean_kv_of_the_previous_block(tmp_path):
         # the first block step reads only the prefill's K/V; every later one reads a block left noisy
         later = [e for c, e in zip(got["calls"], max_error(ckpt, run[0], got["tokens"][0], got["calls"]))
                  if c["positions"][0] >= len(run[0]["prompt"]) + 4]
-        assert later and min(later) > 1e-3, later
+        assert later and min(later) > 1e-4, later
 
 
 @pytest.mark.slow
@@ -93,17 +99,24 @@ def test_first_hitting_needs_one_pass_per_token_and_no_pass_after_the_last_block
 @pytest.mark.slow
 def test_mixed_steps_stay_token_identical_to_the_core(tmp_path):
     """A small token budget puts one request's prefill chunks beside another's block steps, and three
-    sampler settings put several sampler groups in one step; every request still gets the core's tokens."""
+    sampler settings put several sampler groups in one step; every request still gets the core's tokens.
+    Each logits call is asked again for its masked slots only: a pass over the group's blocks alone gives
+    the logits the step's first pass (over every token of the step) gave, and zeros where not read."""
     ckpt = load_checkpoint(checkpoint_path(4))
     long_prompt = ckpt.encode("<eos> the wolf sees a fox . many owls sleep . the old cow sees the ships . a") * 2
     settings = [("first_hitting", 1.0), ("threshold", 0.0), ("ddpm", 1.0), ("first_hitting", 0.0)]
     prompts = [ckpt.encode(TEXTS[0]), ckpt.encode(TEXTS[1]), long_prompt, ckpt.encode(TEXTS[2])]
     run = [{"prompt": p, "algorithm": a, "temperature": t, "max_tokens": 14, "seed": 20 + i}
            for i, (p, (a, t)) in enumerate(zip(prompts, settings))]
-    spec = {"runs": [run], "engine": {"enable_chunked_prefill": True, "max_num_batched_tokens": 20}}
+    spec = {"runs": [run], "engine": {"enable_chunked_prefill": True, "max_num_batched_tokens": 20},
+            "read_check": True}
     (got,) = run_worker(tmp_path, 4, spec)
     assert got["tokens"] == [core_tokens(ckpt, r) for r in run]
     steps = got["steps"]
     assert any(s["blocks"] and s["tokens"] > s["block_tokens"] for s in steps), steps  # a prefill beside blocks
     assert any(s["groups"] >= 2 for s in steps), steps
     assert any(s["block_tokens"] == 2 * 4 * s["blocks"] for s in steps if s["blocks"]), steps  # fused rows
+    for c in got["calls"]:
+        read = c["masked"]
+        assert read.any() and torch.allclose(c["again"][read], c["logits"][read], atol=1e-5, rtol=0)
+        assert not c["again"][~read].any()

@@ -1,6 +1,8 @@
 """Run by tests/test_vllm_fusion.py in a subprocess (one engine per process): decode through vLLM's engine
 while recording every logits call the runner answers for `denoise_block` (block positions, block, logits,
 read mask) and every block step's shape, and save them with the tokens and pass counts (torch.save).
+With "read_check", every call is asked again with the same blocks and `read` = the masked slots (an extra
+pass over the group's blocks alone, which rewrites the same K/V).
 
 With "fuse": false, the scheduler forgets which requests hold a noisy last block, so nothing recomputes
 that block's K/V clean: the negative control of the K/V test."""
@@ -23,14 +25,18 @@ if __name__ == "__main__":
     calls, steps = [], []
     group_forward, block_rows, schedule = BD3RunnerMixin._group_forward, BD3RunnerMixin._block_rows, BD3Scheduler.schedule
 
-    def recording_group_forward(self, first, starts, positions, run):
-        forward = group_forward(self, first, starts, positions, run)
+    def recording_group_forward(self, first, entered, starts, positions, run):
+        forward = group_forward(self, first, entered, starts, positions, run)
         where = positions[torch.tensor(starts)].tolist()  # absolute position of each block's first slot
 
         def recorded(block, read=None):
             logits = forward(block, read)
-            calls.append({"positions": where, "block": block.clone(), "logits": logits.clone(),
-                          "read": None if read is None else read.clone()})
+            call = {"positions": where, "block": block.clone(), "logits": logits.clone(),
+                    "read": None if read is None else read.clone()}
+            if spec.get("read_check"):  # the same blocks again, asking for the masked slots only
+                call["masked"] = block == self.bd3.mask_id
+                call["again"] = forward(block, call["masked"]).clone()
+            calls.append(call)
             return logits
 
         return recorded

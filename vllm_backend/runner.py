@@ -121,7 +121,8 @@ class BD3RunnerMixin:
         for config, members in groups.items():
             idx = torch.tensor(members, device=self.device)
             sub = block[idx]  # (b, L'), a copy
-            forward = self._group_forward(hidden[index[idx]], [rows[r][1] for r in members], positions, run)
+            forward = self._group_forward(hidden[index[idx]], sub.clone(), [rows[r][1] for r in members], positions,
+                                          run)
             denoise_block(sub, forward, config, [self._generator(rows[r][0]) for r in members], self.bd3.mask_id)
             block[idx] = sub
         decoded = block.cpu()  # the step's one read of the decoded blocks
@@ -129,20 +130,23 @@ class BD3RunnerMixin:
             self._blocks[rid] = decoded[r, size - n_masks :].tolist()
         return hidden
 
-    def _group_forward(self, first: torch.Tensor, starts: list[int], positions: torch.Tensor, run):
+    def _group_forward(self, first: torch.Tensor, entered: torch.Tensor, starts: list[int], positions: torch.Tensor,
+                       run):
         """The `forward(block, read=None)` that `denoise_block` calls for one sampler group whose blocks
         start at the step's query tokens `starts`: logits (b, L', V), exact where `read` (b, L') is True
-        (everywhere when None), zeros elsewhere. Its first call asks for the blocks as they entered the
-        step, which the step's first pass computed (`first`, hidden states (b, L', D)); every later call
-        runs the model over these b blocks alone, under attention metadata built once for them."""
+        (everywhere when None), zeros elsewhere. A call with the blocks as they entered the step
+        (`entered` (b, L'); the loop's first call) is answered from the step's first pass (`first`, hidden
+        states (b, L', D)); every other call runs the model over these b blocks alone, under attention
+        metadata built once for them."""
         size, pending = self.bd3.block_size, [first]
         tokens = (torch.tensor(starts)[:, None] + torch.arange(size)).flatten().to(self.device)  # (b·L',)
         where = positions[tokens]
         context: list = []
 
         def forward(block: torch.Tensor, read: torch.Tensor | None = None) -> torch.Tensor:
-            if pending:
+            if pending and torch.equal(block, entered):
                 return self._logits(pending.pop(), read)
+            pending.clear()
             if not context:
                 context.append(self._blocks_context(starts, tokens))
             self.forward_passes += 1
