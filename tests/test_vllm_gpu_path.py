@@ -89,6 +89,23 @@ def test_every_hook_the_mixin_overrides_exists_on_gpu_model_runner_with_the_same
                                                    inspect.Parameter.empty)]
 
 
+def test_what_the_fused_block_step_reads_of_vllm_exists():
+    """The scheduler's and the runner's other contacts with vLLM: the scheduler output fields BD3Scheduler
+    reads to track noisy blocks, and the forward-context call the runner makes for a pass over some blocks."""
+    import dataclasses
+
+    from vllm.forward_context import ForwardContext, set_forward_context
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    fields = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    assert {"num_scheduled_tokens", "scheduled_spec_decode_tokens", "finished_req_ids", "preempted_req_ids"} <= fields
+    assert [p[0] for p in _params(Scheduler.schedule)] == ["self", "throttle_prefills"]
+    assert [p[0] for p in _params(set_forward_context)][:3] == ["attn_metadata", "vllm_config", "num_tokens"]
+    assert "slot_mapping" in inspect.signature(set_forward_context).parameters
+    assert "slot_mapping" in {f.name for f in dataclasses.fields(ForwardContext)}
+
+
 # ---- the GPU worker's runner factory, under a real engine config --------------------------------
 @pytest.fixture(scope="module")
 def l4_config():
