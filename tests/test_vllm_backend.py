@@ -70,7 +70,7 @@ def test_block_split_attention_metadata():
     """Queries cut at absolute multiples of L': each piece sees the KV up to its own last token."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    from vllm_backend.runner import split_into_blocks
+    from vllm_backend.block_metadata import split_into_blocks
 
     # Request 0: a prefill of positions 0..9; request 1: a block query at positions 12..15; request 2: 6..7.
     positions = torch.tensor(list(range(10)) + [12, 13, 14, 15] + [6, 7])

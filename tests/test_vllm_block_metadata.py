@@ -76,7 +76,7 @@ def _metadata(computed, scheduled, seq, table, with_host_seq_lens: bool):
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_split_metadata_gives_block_causal_attention_under_varlen_paged_semantics(block_size):
-    from vllm_backend.runner import split_into_blocks
+    from vllm_backend.block_metadata import split_into_blocks
 
     computed, scheduled, seq, table, k_cache, v_cache, keys, values, queries = _scenario(block_size)
     q = torch.cat(queries)
@@ -101,7 +101,7 @@ def test_split_metadata_gives_block_causal_attention_under_varlen_paged_semantic
 
 
 def test_split_metadata_fields_are_consistent_and_need_no_device_read():
-    from vllm_backend.runner import split_into_blocks
+    from vllm_backend.block_metadata import split_into_blocks
 
     computed, scheduled, seq, table, *_ = _scenario(4)
     from_host = split_into_blocks(_metadata(computed, scheduled, seq, table, with_host_seq_lens=True), 4)
@@ -115,6 +115,33 @@ def test_split_metadata_fields_are_consistent_and_need_no_device_read():
     assert from_host._num_computed_tokens_cache is None and from_host._token_to_req_indices_cache is None
     assert from_host.is_prefilling.tolist() == [True, True, True, False, True]
     assert from_host.max_query_len == 4 and from_host.max_seq_len == max(seq)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_a_pass_over_some_blocks_attends_as_the_whole_step_does(block_size):
+    """`take_blocks` keeps whole-block pieces of the split step: attention over just those blocks' queries
+    (the further denoising passes) equals those rows of attention over the whole step."""
+    from vllm_backend.block_metadata import split_into_blocks, take_blocks
+
+    computed, scheduled, seq, table, k_cache, v_cache, keys, values, queries = _scenario(block_size)
+    q = torch.cat(queries)
+    cm = _metadata(computed, scheduled, seq, table, with_host_seq_lens=True)
+    cm.slot_mapping = torch.arange(cm.num_actual_tokens) * 7  # distinct slots, to see which are kept
+    split = split_into_blocks(cm, block_size)
+    whole = paged_attention(q, k_cache, v_cache, split.query_start_loc_cpu, split.seq_lens, split.block_table_tensor,
+                            causal=False)
+    # the block step (request 1) and the last whole block of the prefill (request 0)
+    starts = [scheduled[0], scheduled[0] - block_size]
+    sub = take_blocks(split, starts, block_size)
+    tokens = torch.cat([torch.arange(s, s + block_size) for s in starts])
+    assert sub.num_reqs == 2 and sub.num_actual_tokens == 2 * block_size and sub.causal is False
+    assert torch.equal(sub.slot_mapping, split.slot_mapping[tokens])
+    assert torch.equal(sub.positions, split.positions[tokens])
+    got = paged_attention(q[tokens], k_cache, v_cache, sub.query_start_loc_cpu, sub.seq_lens, sub.block_table_tensor,
+                          causal=False)
+    assert torch.equal(got, whole[tokens])
+    with pytest.raises(ValueError, match="do not each start a piece"):
+        take_blocks(split, [1], block_size + 1)
 
 
 # ---- the scheduler's rounding to whole blocks ----------------------------------------------------------

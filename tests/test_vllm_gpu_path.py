@@ -79,14 +79,31 @@ def test_every_hook_the_mixin_overrides_exists_on_gpu_model_runner_with_the_same
 
     own = {name: fn for name, fn in vars(BD3RunnerMixin).items() if inspect.isfunction(fn)}
     hooks = {name for name in own if hasattr(GPUModelRunner, name)}
-    assert hooks == {"__init__", "execute_model", "_update_states", "_model_forward", "_sample",
-                     "_input_fits_in_drafter", "initialize_metadata_builders"}
+    assert hooks == {"__init__", "execute_model", "_update_states", "_prepare_inputs", "_model_forward",
+                     "_sample", "_input_fits_in_drafter", "initialize_metadata_builders"}
     for name in hooks:
         assert _params(own[name]) == _params(getattr(GPUModelRunner, name)), name
     # The wrapper around AttentionGroup.build_metadata passes the metadata first, the rest through.
     assert [p[0] for p in _params(AttentionGroup.build_metadata)][:2] == ["self", "common_attn_metadata"]
     assert _params(Worker._make_model_runner) == [("self", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                    inspect.Parameter.empty)]
+
+
+def test_what_the_fused_block_step_reads_of_vllm_exists():
+    """The scheduler's and the runner's other contacts with vLLM: the scheduler output fields BD3Scheduler
+    reads to track noisy blocks, and the forward-context call the runner makes for a pass over some blocks."""
+    import dataclasses
+
+    from vllm.forward_context import ForwardContext, set_forward_context
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    fields = {f.name for f in dataclasses.fields(SchedulerOutput)}
+    assert {"num_scheduled_tokens", "scheduled_spec_decode_tokens", "finished_req_ids", "preempted_req_ids"} <= fields
+    assert [p[0] for p in _params(Scheduler.schedule)] == ["self", "throttle_prefills"]
+    assert [p[0] for p in _params(set_forward_context)][:3] == ["attn_metadata", "vllm_config", "num_tokens"]
+    assert "slot_mapping" in inspect.signature(set_forward_context).parameters
+    assert "slot_mapping" in {f.name for f in dataclasses.fields(ForwardContext)}
 
 
 # ---- the GPU worker's runner factory, under a real engine config --------------------------------

@@ -4,8 +4,11 @@
   that fill its current block up to the next multiple of L' (so blocks sit at absolute multiples of L').
 - `BD3Scheduler`: diffusion accounting (no token is sampled after prefill); a request whose computed
   tokens end inside a block (a prompt's tail) recomputes from the block's start, so the tail sits clean in
-  the first noisy block, as in the core sampler; and every chunk it schedules ends on a block boundary
-  (or at the end of what the request has), so no block is ever split across steps.
+  the first noisy block, as in the core sampler; a request whose last block was decoded in a block step
+  recomputes that block in its next step, in front of the next block's masks, so the clean K/V of block b
+  is written by the first pass over block b+1 (no separate commit pass; a request that ends needs none);
+  and every chunk it schedules ends on a block boundary (or at the end of what the request has), so no
+  block is ever split across steps.
 - `engine_kwargs`: the engine arguments, naming the worker of the platform (`cpu_worker.BD3CPUWorker` or
   `gpu_worker.BD3GPUWorker`) by string: vLLM imports it in the worker process only.
 
@@ -51,13 +54,25 @@ class BD3Scheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.num_sampled_tokens_per_step = 0  # a block step returns the block; prefill returns nothing
         self.block_size = _bd3(self.vllm_config).block_size
+        # Requests whose last block holds the noisy K/V of its block step's last denoising pass. Nothing
+        # reads it before the request's next step recomputes it: the cache is the request's own (prefix
+        # caching is off), and a preempted request recomputes everything.
+        self.noisy: set[str] = set()
 
     def schedule(self, *args, **kwargs):
         for request in self.running:
-            tail = request.num_computed_tokens % self.block_size
-            if tail and request.num_computed_tokens == request.num_tokens and request.spec_token_ids:
-                request.num_computed_tokens -= tail  # recompute the tail inside its block
-        return super().schedule(*args, **kwargs)
+            computed = request.num_computed_tokens
+            if computed != request.num_tokens or not request.spec_token_ids:
+                continue  # mid-prefill, or already rewound
+            if computed % self.block_size:
+                request.num_computed_tokens -= computed % self.block_size  # recompute the tail inside its block
+            elif request.request_id in self.noisy:
+                request.num_computed_tokens -= self.block_size  # recompute the decoded block, clean
+        out = super().schedule(*args, **kwargs)
+        # A request scheduled without masks (the token budget cut them) has its clean block recomputed.
+        self.noisy -= set(out.num_scheduled_tokens) | out.finished_req_ids | (out.preempted_req_ids or set())
+        self.noisy |= set(out.scheduled_spec_decode_tokens)
+        return out
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
         # vLLM's last say on every chunk size, for running and waiting (new or resumed) requests alike;

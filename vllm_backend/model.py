@@ -27,10 +27,9 @@ class VLLMDiTBlock(DiTBlock):
         self.attn = Attention(cfg.n_heads, cfg.head_dim, cfg.head_dim**-0.5, num_kv_heads=cfg.n_heads,
                               cache_config=cache_config, prefix=f"{prefix}.attn")
 
-    def forward_flat(self, x: torch.Tensor, c: torch.Tensor, rope) -> torch.Tensor:
-        """x (1, T, D) over the step's flattened tokens -> (1, T, D)."""
+    def forward_flat(self, x: torch.Tensor, mods: tuple[torch.Tensor, ...], rope) -> torch.Tensor:
+        """x (1, T, D) over the step's flattened tokens, this block's adaLN modulations -> (1, T, D)."""
         t = x.shape[1]
-        mods = self.modulations(c)
         q, k, v = self.project_qkv(x, mods, rope)  # (1, H, T, Dh)
         flat = [u[0].transpose(0, 1).reshape(t, -1) for u in (q, k, v)]  # (T, H·Dh)
         a = self.attn(*flat)  # (T, H·Dh)
@@ -50,6 +49,18 @@ class BD3ForVLLM(nn.Module):
         if cfg.var_min:  # learned clip bounds: kept so that every checkpoint tensor has a home
             self.register_buffer("sampling_eps_min", torch.tensor(cfg.sampling_eps_min))
             self.register_buffer("sampling_eps_max", torch.tensor(cfg.sampling_eps_max))
+        self._conditioning = None  # (device, dtype, c, every block's modulations): see conditioning()
+
+    def conditioning(self, like: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+        """The time conditioning c (1, cond) and every block's adaLN modulations. Sigma is 0 in every
+        released model, so they are constants of the weights: computed once (a runner makes several
+        passes per step), again after `load_weights` or on another device or dtype."""
+        cached = self._conditioning
+        if cached is None or cached[:2] != (like.device, like.dtype):
+            c = self.backbone.condition(like.device).to(like.dtype)
+            cached = (like.device, like.dtype, c, [block.modulations(c) for block in self.backbone.blocks])
+            self._conditioning = cached
+        return cached[2], cached[3]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.backbone.vocab_embed(input_ids)
@@ -58,20 +69,21 @@ class BD3ForVLLM(nn.Module):
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Flat token ids and positions (T,) -> hidden states (T, D) before the output layer."""
         x = (self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds)[None]  # (1, T, D)
-        c = self.backbone.condition(x.device).to(x.dtype)
+        _, mods = self.conditioning(x)
         rope = self.backbone.rotary_emb(positions[None])
-        for block in self.backbone.blocks:
-            x = block.forward_flat(x, c, rope)
+        for block, block_mods in zip(self.backbone.blocks, mods):
+            x = block.forward_flat(x, block_mods, rope)
         return x[0]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        c = self.backbone.condition(hidden_states.device).to(hidden_states.dtype)
+        c, _ = self.conditioning(hidden_states)
         return self.backbone.output_layer(hidden_states[None], c)[0].float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Strict, as the core's loader: one error names every missing, unexpected and mis-shaped tensor.
         Returns the parameter names loaded, which vLLM checks against the model's parameters."""
         found = dict(weights)
+        self._conditioning = None  # recomputed from the new weights
         # vLLM's Attention layers keep buffers of their own (KV scales) that no checkpoint holds.
         expected = {k: v for k, v in self.state_dict().items() if ".attn." not in k}
         check_state_dict(expected, found)

@@ -67,7 +67,8 @@ class _Entry:
     key: str
     builder: TrajectoryBuilder | None = None  # made at the request's first block step
     steps: int = 0  # denoising passes before the next block
-    commits: int = 0  # passes that stored clean K/V of this request (prefill chunks, block commits)
+    commits: int = 0  # passes that only stored clean K/V of this request (prefill chunks); a block's clean
+    # K/V is stored by the next block step's first pass, which is one of its denoising passes
 
 
 @dataclass
@@ -126,12 +127,13 @@ class RunnerTraces:
         return None
 
     def block_done(self, requests, rows, recorder, outcome, block: torch.Tensor, config, generators) -> None:
-        """After a group's `denoise_block`: rows (req_id, start, length, n_masks), the group's final
+        """After a group's `denoise_block`: rows (req_id, first token, n_masks), the group's final
         blocks (b, L') and generators. Traced rows get the block; logprob rows keep this step's values."""
         if recorder is None:
             return
         record = recorder.finish()
-        for j, (rid, _, length, n_masks) in enumerate(rows):
+        length = self.block_size  # a block row is one whole block; its placeholders are its last n_masks slots
+        for j, (rid, _, n_masks) in enumerate(rows):
             params = requests[rid].sampling_params
             key = self.trace_key(params)
             if key is not None:
@@ -141,7 +143,6 @@ class RunnerTraces:
                                                       config, generators[j].initial_seed(), params.seed is None, True)
                 entry.builder.add_block(record, j, block[j], entry.steps)
                 entry.steps += int(outcome.row_steps[j])
-                entry.commits += 1
             if self.num_logprobs(params) is not None:
                 first = length - n_masks  # the returned tokens: the block's placeholder slots
                 values = record.logprob_raw if self.mode == "raw_logprobs" else record.logprob

@@ -2,63 +2,32 @@
 (`cpu_worker.py`) and with the GPU runner (`gpu_worker.py`); this module imports neither.
 
 In one engine step, every request that has MASK placeholders scheduled (a block step) gets its whole block
-decoded: `bd3_plugin.denoise.denoise_block` runs the request's sampler, and each of its forward passes is
-one pass of vLLM's model over the step's tokens (writing the block's K/V into the paged cache); a last pass
-over the clean blocks leaves their clean K/V there (the commit). Attention metadata is split at absolute
-multiples of L' and made non-causal, so prefill is block-causal and a block sees the cached prefix and
-itself, exactly the core's masks.
+decoded by `bd3_plugin.denoise.denoise_block`, the loop the core's sampler uses. The step's query for such
+a request is its block, preceded by the previous block when that one was decoded in the previous step
+(`engine.BD3Scheduler` leaves it uncomputed): the step's first pass, vLLM's own, runs the model over all
+the step's tokens and so writes the previous block's clean K/V, the other requests' prefill chunks and the
+first state of every block; its hidden states give every block's first logits. Each further pass runs the
+model over just the rows of one sampler group, with attention metadata for those blocks alone, and the
+output layer runs only at the slots the sampler reads. No pass commits: the block's clean K/V is written
+by the first pass of the request's next step, and a request that ends needs none. Attention metadata is
+split at absolute multiples of L' and made non-causal (`block_metadata`), so prefill is block-causal and a
+block sees the cached prefix and itself, exactly the core's masks.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import random
 
 import torch
+from vllm.forward_context import get_forward_context, set_forward_context
 from vllm.v1.outputs import SamplerOutput
 
 from bd3_plugin.denoise import denoise_block
 
+from .block_metadata import split_into_blocks, take_blocks
 from .params import sampler_config
 from .recording import RunnerTraces
 from .resume import Resumes
-
-
-def _query_positions(cm, q_lens: torch.Tensor) -> torch.Tensor:
-    """Absolute position of every query token (CPU). A request's query is contiguous and ends at its
-    sequence length, so the host copy of the sequence lengths gives them without reading the device."""
-    n = int(q_lens.sum())
-    if cm.seq_lens_cpu_upper_bound is None:
-        return cm.positions[:n].cpu().long()
-    ends = cm.seq_lens_cpu_upper_bound[: cm.num_reqs].long()
-    first = torch.repeat_interleave(ends - q_lens, q_lens)  # (n,) position of each request's first query token
-    offset = torch.arange(n) - torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
-    return first + offset
-
-
-def split_into_blocks(cm, block_size: int):
-    """Attention metadata with each request's query cut at absolute multiples of `block_size`, every
-    piece non-causal with the KV length up to its own last token: block-causal attention."""
-    qsl = cm.query_start_loc_cpu.long()
-    n = int(qsl[-1])
-    q_lens = qsl[1:] - qsl[:-1]
-    pos = _query_positions(cm, q_lens)
-    req_of_token = torch.repeat_interleave(torch.arange(cm.num_reqs), q_lens)
-    first = torch.zeros(n, dtype=torch.bool)
-    first[qsl[:-1][q_lens > 0]] = True
-    starts = (first | (pos % block_size == 0)).nonzero().flatten()
-    ends = torch.cat((starts[1:], torch.tensor([n])))
-    new_qsl = torch.cat((starts, torch.tensor([n]))).to(cm.query_start_loc_cpu.dtype)
-    seq_lens = (pos[ends - 1] + 1).to(cm.seq_lens.dtype)  # (pieces,) on the host
-    owner = req_of_token[starts]
-    changes = dict(query_start_loc=new_qsl.to(cm.query_start_loc.device), query_start_loc_cpu=new_qsl,
-                   seq_lens=seq_lens.to(cm.seq_lens.device), seq_lens_cpu_upper_bound=seq_lens,
-                   num_reqs=len(starts), max_query_len=int((ends - starts).max()), max_seq_len=int(seq_lens.max()),
-                   block_table_tensor=cm.block_table_tensor[owner.to(cm.block_table_tensor.device)],
-                   causal=False, _num_computed_tokens_cache=None, _token_to_req_indices_cache=None)
-    if cm.is_prefilling is not None:
-        changes["is_prefilling"] = cm.is_prefilling[owner.to(cm.is_prefilling.device)]
-    return dataclasses.replace(cm, **changes)
 
 
 class BD3RunnerMixin:
@@ -68,6 +37,8 @@ class BD3RunnerMixin:
         super().__init__(vllm_config, device)
         self.bd3 = vllm_config.model_config.hf_config.to_bd3()
         self._step = None  # the scheduler output while its step executes
+        self._split: dict = {}  # KV-cache group id -> the step's split attention metadata
+        self._own_build: dict = {}  # id(attention group) -> its builder call, unwrapped
         self._blocks: dict[str, list[int]] = {}  # req_id -> tokens decoded in this step
         self._generators: dict[str, torch.Generator] = {}
         self.forward_passes = 0  # model passes run by this runner (benchmarks read it)
@@ -88,60 +59,55 @@ class BD3RunnerMixin:
         return out
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
-        self._step = scheduler_output
+        self._step, self._split = scheduler_output, {}
         try:
             return super().execute_model(scheduler_output, intermediate_tensors)
         finally:
-            self._step = None
+            self._step, self._split = None, {}
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        # `_sample` reads no logits (the blocks are decoded inside `_model_forward`): with no logits
+        # indices, the output layer vLLM runs after the model (at every block slot) gets no rows.
+        logits_indices, spec_decode_metadata, max_sampled = super()._prepare_inputs(scheduler_output,
+                                                                                    num_scheduled_tokens)
+        return logits_indices[:0], spec_decode_metadata, max_sampled
 
     def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
         return True  # the placeholders are masks, never model drafts: never zero them near max_model_len
 
     def initialize_metadata_builders(self, kv_cache_config, kernel_block_sizes) -> None:
         super().initialize_metadata_builders(kv_cache_config, kernel_block_sizes)
+        self._own_build = {}
         for groups in self.attn_groups:
             for group in groups:
-                group.build_metadata = functools.partial(self._build_blockwise, group.build_metadata)
+                self._own_build[id(group)] = group.build_metadata
+                group.build_metadata = functools.partial(self._build_blockwise, group)
 
-    def _build_blockwise(self, build, cm, *args, **kwargs):
+    def _build_blockwise(self, group, cm, *args, **kwargs):
         if self._step is not None:
             cm = split_into_blocks(cm, self.bd3.block_size)
-        return build(cm, *args, **kwargs)
+            self._split[group.kv_cache_group_id] = cm
+        return self._own_build[id(group)](cm, *args, **kwargs)
 
     # ---- the block step -------------------------------------------------------------------------
-    def _block_rows(self, step) -> list[tuple[str, int, int, int]]:
-        """(req_id, first query token, query length, number of masks) for each request with a block."""
-        rows = []
+    def _block_rows(self, step) -> list[tuple[str, int, int]]:
+        """(req_id, first query token of its block, number of masks) for each request with a block. The
+        block is the query's last L' tokens; a query of 2 L' starts with the previous block, clean."""
+        size, rows = self.bd3.block_size, []
         qsl = self.query_start_loc.cpu  # the host copy: no device read
         for i, rid in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
             n_masks = len(step.scheduled_spec_decode_tokens.get(rid, ()))
             if n_masks:
-                start, end = int(qsl[i]), int(qsl[i + 1])
-                if end - start != self.bd3.block_size:  # BD3Scheduler schedules whole blocks only
-                    raise RuntimeError(f"request {rid}: a block step of {end - start} tokens with {n_masks} masks "
-                                       f"is not one whole block of {self.bd3.block_size}")
-                rows.append((rid, start, end - start, n_masks))
+                length = int(qsl[i + 1]) - int(qsl[i])
+                if length not in (size, 2 * size) or n_masks > size:  # BD3Scheduler schedules whole blocks
+                    raise RuntimeError(f"request {rid}: a block step of {length} tokens with {n_masks} masks is "
+                                       f"not one or two whole blocks of {self.bd3.block_size}")
+                rows.append((rid, int(qsl[i + 1]) - size, n_masks))
         return rows
-
-    def _block_layout(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Built on the host from the scheduler's numbers, moved to the device once: the flat token index
-        of every block slot (B, L'), the flat slot of every real token in `block.view(-1)` (n,) with its
-        token index (n,), and the placeholder slots (B, L') bool."""
-        size = self.bd3.block_size
-        start = torch.tensor([r[1] for r in rows])[:, None]
-        length = torch.tensor([r[2] for r in rows])[:, None]
-        n_masks = torch.tensor([r[3] for r in rows])[:, None]
-        slot = torch.arange(size)[None, :]
-        real = slot < length  # (B, L')
-        index = torch.where(real, start + slot, -1)  # (B, L')
-        flat = (torch.arange(len(rows))[:, None] * size + slot)[real]  # (n,)
-        placeholder = real & (slot >= length - n_masks)
-        to = functools.partial(torch.Tensor.to, device=self.device)
-        return to(index), to(flat), to(index[real]), to(placeholder)
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
                        **model_kwargs):
-        self.forward_passes += 1  # the step's only pass, or its commit pass; denoising passes count in forward()
+        self.forward_passes += 1  # the step's first pass; the further passes count in _group_forward
         run = super()._model_forward
         step = self._step
         self._blocks = {}
@@ -150,40 +116,80 @@ class BD3RunnerMixin:
             self.traces.begin_step(self.requests, step, [r[0] for r in rows])
         if not rows:
             return run(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
-        size, mask_id = self.bd3.block_size, self.bd3.mask_id
-        index, flat, tokens_at, placeholder = self._block_layout(rows)
-        block = torch.zeros(len(rows), size, dtype=torch.long, device=self.device)  # (B, L')
-        block.view(-1)[flat] = input_ids[tokens_at].long()
-        block.masked_fill_(placeholder, mask_id)  # the placeholders are masks, whatever was drafted
+        size = self.bd3.block_size
+        slot = torch.arange(size)[None, :]
+        index = (torch.tensor([r[1] for r in rows])[:, None] + slot).to(self.device)  # (B, L') token of each slot
+        placeholder = (slot >= size - torch.tensor([r[2] for r in rows])[:, None]).to(self.device)  # (B, L')
+        block = input_ids[index].long().masked_fill_(placeholder, self.bd3.mask_id)  # masks, whatever was drafted
         self.resumes.apply(block, rows, placeholder, self.requests)
-
-        def forward(rows_idx: torch.Tensor, sub: torch.Tensor, read: torch.Tensor | None = None) -> torch.Tensor:
-            """One model pass with these rows' blocks in place -> their logits (b, L', V), all slots computed
-            (a superset of `read`)."""
-            block[rows_idx] = sub
-            self.forward_passes += 1
-            input_ids[tokens_at] = block.view(-1)[flat].to(input_ids.dtype)
-            hidden = run(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
-            h = hidden[index[rows_idx].clamp(min=0).flatten()]  # (b·L', D); padding slots read token 0
-            return self.model.compute_logits(h).view(len(rows_idx), size, -1)
+        input_ids[index] = block.to(input_ids.dtype)
+        hidden = run(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
 
         groups: dict = {}
         for r, (rid, *_rest) in enumerate(rows):
             groups.setdefault(self._config(rid), []).append(r)
         for config, members in groups.items():
             idx = torch.tensor(members, device=self.device)
-            sub = block[idx].clone()
+            sub = block[idx]  # (b, L'), a copy
+            forward = self._group_forward(hidden[index[idx]], sub.clone(), [rows[r][1] for r in members], positions,
+                                          run)
             gens = [self._generator(rows[r][0]) for r in members]
             recorder = self.traces.recorder(config, self.requests, [rows[r][0] for r in members])
-            done = denoise_block(sub, functools.partial(forward, idx), config, gens, mask_id, recorder=recorder)
+            done = denoise_block(sub, forward, config, gens, self.bd3.mask_id, recorder=recorder)
             block[idx] = sub
             self.traces.block_done(self.requests, [rows[r] for r in members], recorder, done, sub, config, gens)
-        input_ids[tokens_at] = block.view(-1)[flat].to(input_ids.dtype)
-        hidden = run(input_ids, positions, intermediate_tensors, inputs_embeds, **model_kwargs)
         decoded = block.cpu()  # the step's one read of the decoded blocks
-        for r, (rid, _, length, n_masks) in enumerate(rows):
-            self._blocks[rid] = decoded[r, length - n_masks : length].tolist()
+        for r, (rid, _, n_masks) in enumerate(rows):
+            self._blocks[rid] = decoded[r, size - n_masks :].tolist()
         return hidden
+
+    def _group_forward(self, first: torch.Tensor, entered: torch.Tensor, starts: list[int], positions: torch.Tensor,
+                       run):
+        """The `forward(block, read=None)` that `denoise_block` calls for one sampler group whose blocks
+        start at the step's query tokens `starts`: logits (b, L', V), exact where `read` (b, L') is True
+        (everywhere when None), zeros elsewhere. A call with the blocks as they entered the step
+        (`entered` (b, L'); the loop's first call) is answered from the step's first pass (`first`, hidden
+        states (b, L', D)); every other call runs the model over these b blocks alone, under attention
+        metadata built once for them."""
+        size, pending = self.bd3.block_size, [first]
+        tokens = (torch.tensor(starts)[:, None] + torch.arange(size)).flatten().to(self.device)  # (b·L',)
+        where = positions[tokens]
+        context: list = []
+
+        def forward(block: torch.Tensor, read: torch.Tensor | None = None) -> torch.Tensor:
+            if pending and torch.equal(block, entered):
+                return self._logits(pending.pop(), read)
+            pending.clear()
+            if not context:
+                context.append(self._blocks_context(starts, tokens))
+            self.forward_passes += 1
+            attn_metadata, slot_mapping = context[0]
+            with set_forward_context(attn_metadata, self.vllm_config, num_tokens=len(tokens),
+                                     slot_mapping=slot_mapping):
+                hidden = run(block.flatten(), where)  # (b·L', D)
+            return self._logits(hidden.view(len(starts), size, -1), read)
+
+        return forward
+
+    def _blocks_context(self, starts: list[int], tokens: torch.Tensor) -> tuple[dict, dict]:
+        """Per-layer attention metadata and slot mapping for a pass over just the blocks that start at
+        the step's query tokens `starts` (`tokens` (b·L',) their token indices in the step)."""
+        attn_metadata = {}
+        for gid, groups in enumerate(self.attn_groups):
+            cm = take_blocks(self._split[gid], starts, self.bd3.block_size)
+            for group in groups:
+                attn_metadata.update(dict.fromkeys(group.layer_names, self._own_build[id(group)](cm)))
+        slot_mapping = {name: m[tokens] for name, m in get_forward_context().slot_mapping.items()}
+        return attn_metadata, slot_mapping
+
+    def _logits(self, hidden: torch.Tensor, read: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states (b, L', D) -> logits (b, L', V); the output layer runs only where `read` is True."""
+        if read is None:
+            return self.model.compute_logits(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
+        chosen = self.model.compute_logits(hidden[read])  # (k, V)
+        logits = chosen.new_zeros(*hidden.shape[:2], chosen.shape[-1])
+        logits[read] = chosen
+        return logits
 
     def _config(self, rid: str):
         return sampler_config(self.requests[rid].sampling_params, self.bd3.block_size)
