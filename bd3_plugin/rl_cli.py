@@ -1,0 +1,184 @@
+"""`bd3 rl`: the EGSPO-style loop (rl.py) on the tiny world, with a per-iteration JSON log, a reward curve,
+held-out checks and the final checkpoint."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .rl import RLConfig, build_batch, update
+from .rl_engines import ENGINES, CoreEngine, VLLMEngine
+
+EVAL_SEED = 1 << 40  # evaluation seeds, disjoint from the rollouts'; the same in every run
+
+
+def add_rl_parser(sub) -> None:
+    from .tinyworld.data import checkpoint_path
+
+    rl = sub.add_parser("rl", help="EGSPO-style RL on the tiny world: reward = validity of sampled documents")
+    rl.add_argument("--iterations", type=int, required=True)
+    rl.add_argument("--out", type=Path, required=True, help="folder for log.jsonl, reward.png, checkpoint/")
+    rl.add_argument("--checkpoint", default=str(checkpoint_path(16)), help="default: the bundled tiny-bd3-L16")
+    rl.add_argument("--engine", choices=ENGINES, default="core", help="rollout engine (default: core)")
+    rl.add_argument("--seed", type=int, default=0)
+    d = RLConfig()
+    for name in ("prompts", "group", "steps_per_rollout", "inner_steps", "chunk"):
+        rl.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    for name in ("lr", "kl_weight", "step_weight", "clip_low", "clip_high", "grad_clip", "anchor_weight"):
+        rl.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    rl.add_argument("--anchor-rows", type=int, default=8,
+                    help="rows of source documents in the anchor NELBO per step (with --anchor-weight > 0)")
+    rl.add_argument("--logprob-weight", type=float, default=0.0,
+                    help="reward of a valid document: 1 + this · its exact log-prob per token")
+    rl.add_argument("--max-new-tokens", type=int, default=None,
+                    help="rollout budget (default: the model length minus the longest prompt, so that a "
+                         "rollout fits in one replay pass)")
+    rl.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
+    rl.add_argument("--eval-every", type=int, default=10, help="held-out check every N iterations (0: off)")
+    rl.add_argument("--eval-samples", type=int, default=256)
+    rl.add_argument("--final-samples", type=int, default=1024, help="samples of the start and final checks")
+    rl.add_argument("--json", action="store_true")
+
+
+def _check(args) -> None:
+    from .cli import UsageError
+
+    if args.iterations < 1:
+        raise UsageError(f"--iterations must be >= 1, got {args.iterations}")
+    if args.eval_every < 0 or args.eval_samples < 1 or args.final_samples < 1:
+        raise UsageError("--eval-every must be >= 0; --eval-samples and --final-samples must be >= 1")
+    if args.anchor_rows < 1:
+        raise UsageError(f"--anchor-rows must be >= 1, got {args.anchor_rows}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise UsageError(f"--time-limit must be > 0, got {args.time_limit}")
+    if (args.out / "log.jsonl").exists():
+        raise UsageError(f"{args.out} already holds a run (log.jsonl); choose another --out")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is not a folder")
+
+
+def _check_vocabulary(tokenizer) -> None:
+    from .tinyworld.grammar import DEFAULT_LEXICON, EOS
+
+    missing = set(DEFAULT_LEXICON.words()) | {EOS}
+    missing -= set(tokenizer.get_vocab())
+    if missing:
+        raise ValueError(f"the checkpoint's tokenizer is not the tiny world's: it lacks {sorted(missing)[:5]}")
+
+
+def _rollout_stats(trajs, reward) -> dict:
+    docs = [tuple(reward.words(t.prompt, t.output)) for t in trajs]
+    return {"validity": sum(t.finish_reason == "eos" and reward.source.is_valid(list(d)) for t, d in zip(trajs, docs))
+            / len(trajs), "mean_length": sum(map(len, docs)) / len(docs), "distinct": len(set(docs)) / len(docs)}
+
+
+def cmd_rl(args) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .cli import UsageError
+    from .generate import SamplerConfig
+    from .tinyworld.rl_task import DocumentReward, SourceNelbo, evaluate, source_reference, training_prompts
+
+    _check(args)
+    cfg = RLConfig(**{k: getattr(args, k) for k in RLConfig.__dataclass_fields__})
+    ckpt = load_checkpoint(args.checkpoint)
+    _check_vocabulary(ckpt.tokenizer)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    policy, tok = ckpt.model.eval(), ckpt.tokenizer  # dropout off: the scorer must replay the rollout exactly
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    pool = training_prompts(tok, args.iterations * cfg.prompts, seed=args.seed)
+    longest = max(len(p) for p in pool)
+    budget = ckpt.config.model_length - longest
+    if args.max_new_tokens is not None and not 1 <= args.max_new_tokens <= budget:
+        raise UsageError(f"--max-new-tokens must lie in [1, {budget}] (model length {ckpt.config.model_length}, "
+                         f"prompts up to {longest} tokens), got {args.max_new_tokens}")
+    sampler = SamplerConfig(algorithm="first_hitting", temperature=1.0, max_new_tokens=args.max_new_tokens or budget)
+    eval_sampler = SamplerConfig(algorithm="first_hitting", temperature=1.0, max_new_tokens=128)
+    engine = (CoreEngine(policy, sampler, ckpt.eos_id) if args.engine == "core"
+              else VLLMEngine(ckpt.path, sampler, ckpt.config.model_length, args.seed))
+    reward = DocumentReward(tok, args.logprob_weight)
+    anchor = SourceNelbo(policy, tok, args.anchor_rows, args.seed) if cfg.anchor_weight > 0 else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    check = lambda n: asdict(evaluate(policy, tok, eval_sampler, samples=n, seed=EVAL_SEED))  # noqa: E731
+    start = check(args.final_samples)
+    log = (args.out / "log.jsonl").open("w")
+    rows, t_train, cpu_train = [], 0.0, 0.0
+    bar = tqdm(total=args.iterations, desc="bd3 rl", disable=args.json)
+    for it in range(args.iterations):
+        w0, c0 = time.perf_counter(), time.process_time()
+        prompts = pool[it * cfg.prompts : (it + 1) * cfg.prompts]
+        groups = engine.rollouts(prompts, cfg.group, seed=args.seed * 10**9 + it * cfg.prompts * cfg.group)
+        trajs = [t for g in groups for t in g]
+        w1 = time.perf_counter()
+        batch = build_batch(policy, trajs, reward, cfg, ckpt.eos_id)
+        w2 = time.perf_counter()
+        stats = update(policy, ref, optimizer, batch, cfg, anchor)
+        w3 = time.perf_counter()
+        engine.update(policy, f"rl-{it + 1}")
+        w4, c4 = time.perf_counter(), time.process_time()
+        t_train, cpu_train = t_train + w4 - w0, cpu_train + c4 - c0
+        row = {"iteration": it + 1, "reward": batch.rewards.mean().item(), **_rollout_stats(trajs, reward),
+               "kl": stats.kl, "loss": stats.loss, "ratio_mean": stats.ratio_mean, "clipped": stats.clipped,
+               "max_logprob_gap": stats.max_logprob_gap, "scored_steps": stats.scored_steps,
+               "anchor": stats.anchor, "weight_version": f"rl-{it + 1}",
+               "seconds": {"rollouts": w1 - w0, "advantages": w2 - w1, "scoring": stats.seconds_scoring,
+                           "optimiser": stats.seconds_optimiser, "weight_update": w4 - w3, "total": w4 - w0},
+               "cpu_seconds": c4 - c0, "train_seconds": t_train}
+        if args.eval_every and (it + 1) % args.eval_every == 0:
+            row["heldout"] = check(args.eval_samples)
+        rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        bar.update()
+        bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{stats.kl:.3f}")
+        if args.time_limit is not None and t_train >= args.time_limit:
+            break
+    bar.close()
+    log.close()
+    engine.close()
+    final = check(args.final_samples)
+    save_checkpoint(policy, args.out / "checkpoint", tokenizer=tok)
+    summary = {"iterations": len(rows), "train_wall_seconds": t_train, "train_cpu_seconds": cpu_train,
+               "start": start, "final": final, "source": source_reference(args.final_samples),
+               "config": asdict(cfg), "engine": args.engine, "seed": args.seed,
+               "seconds": {k: sum(r["seconds"][k] for r in rows) for k in rows[0]["seconds"]},
+               "max_logprob_gap": max(r["max_logprob_gap"] for r in rows)}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_rewards(rows, start, final, args.out / "reward.png")
+    if not args.json:
+        print(f"validity {start['validity']:.1%} -> {final['validity']:.1%} (held-out prompts, "
+              f"{args.final_samples} samples); NLL bound {start['nll_bound']:.3f} -> {final['nll_bound']:.3f}; "
+              f"{len(rows)} iterations in {t_train:.0f} s wall, {cpu_train:.0f} s CPU; wrote {args.out}")
+    return summary
+
+
+def plot_rewards(rows: list[dict], start: dict, final: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [r["iteration"] for r in rows]
+    rew = [r["reward"] for r in rows]
+    window = max(1, len(rows) // 20)
+    smooth = [sum(rew[max(0, i - window + 1) : i + 1]) / len(rew[max(0, i - window + 1) : i + 1])
+              for i in range(len(rew))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(its, rew, color="0.75", lw=0.8, label="rollout reward (per iteration)")
+    ax.plot(its, smooth, color="C0", lw=1.8, label=f"rollout reward ({window}-iteration mean)")
+    held = [(r["iteration"], r["heldout"]["validity"]) for r in rows if "heldout" in r]
+    pts = [(0, start["validity"])] + held + [(its[-1], final["validity"])]
+    ax.plot(*zip(*pts), "o-", color="C3", lw=1.2, ms=4, label="held-out validity")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("reward / validity")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
