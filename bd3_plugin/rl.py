@@ -70,10 +70,28 @@ class RLConfig:
 
 
 # ---- pure pieces -------------------------------------------------------------------------------------
+def finished(traj: Trajectory) -> bool:
+    """The rollout stopped at EOS: the core says "eos", vLLM's finish reason for it is "stop"."""
+    return traj.finish_reason in ("eos", "stop")
+
+
+def influential_steps(traj: Trajectory) -> torch.Tensor:
+    """(S,) bool: the steps that can change the returned document, i.e. those not after the last step that
+    revealed one of its tokens or the EOS that ended it. Tail slots revealed later (after the stop point,
+    kept for an exact replay) condition nothing in the output."""
+    kept = traj.in_output.clone()
+    if finished(traj):
+        generated = (traj.reveal_pass > 0).nonzero()[:, 0]
+        after = generated[generated > kept.nonzero()[-1, 0]] if kept.any() else generated
+        kept[after[0]] = True  # the EOS slot: the first generated slot after the output
+    return traj.steps.step <= traj.reveal_step[kept].max()
+
+
 def entropy_steps(traj: Trajectory, k: int) -> list[Step]:
-    """The k steps of highest mean entropy of the revealed tokens (EGSPO's selection), as (block, pass)."""
+    """The k influential steps of highest mean entropy of the revealed tokens (EGSPO's selection), as
+    (block, pass)."""
     st = traj.steps
-    live = (st.n_revealed > 0).nonzero()[:, 0]
+    live = ((st.n_revealed > 0) & influential_steps(traj)).nonzero()[:, 0]
     top = st.entropy_mean[live].topk(min(k, len(live))).indices
     return [(int(st.block[i]), int(st.pass_index[i])) for i in live[top].tolist()]
 
@@ -149,7 +167,7 @@ def build_batch(policy: BD3LM, trajectories: list[Trajectory], reward: Reward, c
                 eos_id: int | None) -> Batch:
     """Rewards, entropy-guided steps, x̂₀ rewards before and after each step, advantages."""
     k = cfg.steps_per_rollout
-    rewards = torch.tensor([reward(t.prompt, t.output, t.finish_reason == "eos") for t in trajectories],
+    rewards = torch.tensor([reward(t.prompt, t.output, finished(t)) for t in trajectories],
                            dtype=torch.float64)
     chosen = [entropy_steps(t, k) for t in trajectories]
     # State before step (b, p): slots revealed at pass >= p masked; after it: at pass >= p + 1.
@@ -175,7 +193,7 @@ def _step_rows(t: Trajectory) -> dict[Step, int]:
 @dataclass
 class UpdateStats:
     loss: float
-    kl: float  # mean exact KL per scored token
+    kl: float | None  # mean exact KL per scored token (None without a KL term)
     ratio_mean: float
     clipped: float  # fraction of scored steps whose ratio was clipped
     max_logprob_gap: float  # before the first optimiser step: max |scored − recorded| step log-prob
@@ -196,9 +214,12 @@ def _chunk_loss(policy: BD3LM, ref: BD3LM, batch: Batch, idx: list[int], steps: 
                 cfg: RLConfig, n_chosen: int, first: bool) -> tuple[torch.Tensor, dict]:
     """The surrogate and KL terms of the trajectories `idx` (their share of the batch mean)."""
     trajs = [batch.trajectories[j] for j in idx]
-    with torch.no_grad():
-        ref_scores = score_trajectory(ref, trajs, steps=steps, full_vocab=steps)
-    scores = score_trajectory(policy, trajs, steps=steps, full_vocab=steps)
+    with_kl = cfg.kl_weight > 0  # without it the reference replay is skipped
+    ref_scores = [None] * len(idx)
+    if with_kl:
+        with torch.no_grad():
+            ref_scores = score_trajectory(ref, trajs, steps=steps, full_vocab=steps)
+    scores = score_trajectory(policy, trajs, steps=steps, full_vocab=steps if with_kl else None)
     loss = torch.zeros((), dtype=torch.float64)
     acc = dict(gap=0.0, kl=0.0, tokens=0, ratio=0.0, clipped=0)
     for j, t, sc, rs, st in zip(idx, trajs, scores, ref_scores, steps):
@@ -209,8 +230,12 @@ def _chunk_loss(policy: BD3LM, ref: BD3LM, batch: Batch, idx: list[int], steps: 
         if first:
             acc["gap"] = max(acc["gap"], (new_lp.detach() - old_lp).abs().max().item())
         surrogate, ratio = clipped_surrogate(new_lp, old_lp, adv, cfg.clip_low, cfg.clip_high)
-        kl = torch.cat([exact_kl(sc.full_logprobs[s], rs.full_logprobs[s]) for s in st])
-        loss = loss + surrogate.sum() / n_chosen + cfg.kl_weight * kl.sum() / n_chosen
+        loss = loss + surrogate.sum() / n_chosen
+        if with_kl:
+            kl = torch.cat([exact_kl(sc.full_logprobs[s], rs.full_logprobs[s]) for s in st])
+            loss = loss + cfg.kl_weight * kl.sum() / n_chosen
+        else:
+            kl = torch.zeros(0)
         acc["kl"] += kl.sum().item()
         acc["tokens"] += len(kl)
         acc["ratio"] += ratio.sum().item()
@@ -250,5 +275,6 @@ def update(policy: BD3LM, ref: BD3LM, optimizer: torch.optim.Optimizer, batch: B
         t2 = time.perf_counter()
         scoring, optimising = scoring + t1 - t0, optimising + t2 - t1
     n = max(n_scored, 1)
-    return UpdateStats(loss_sum + cfg.anchor_weight * anchor_loss, tot["kl"] / max(tot["tokens"], 1),
+    kl = tot["kl"] / tot["tokens"] if tot["tokens"] else None
+    return UpdateStats(loss_sum + cfg.anchor_weight * anchor_loss, kl,
                        tot["ratio"] / n, tot["clipped"] / n, gap, n_scored, anchor_loss, scoring, optimising)

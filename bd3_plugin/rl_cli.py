@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .rl import RLConfig, build_batch, update
+from .rl import RLConfig, build_batch, finished, update
 from .rl_engines import ENGINES, CoreEngine, VLLMEngine
 
 EVAL_SEED = 1 << 40  # evaluation seeds, disjoint from the rollouts'; the same in every run
@@ -70,7 +70,7 @@ def _check_vocabulary(tokenizer) -> None:
 
 def _rollout_stats(trajs, reward) -> dict:
     docs = [tuple(reward.words(t.prompt, t.output)) for t in trajs]
-    return {"validity": sum(t.finish_reason == "eos" and reward.source.is_valid(list(d)) for t, d in zip(trajs, docs))
+    return {"validity": sum(finished(t) and reward.source.is_valid(list(d)) for t, d in zip(trajs, docs))
             / len(trajs), "mean_length": sum(map(len, docs)) / len(docs), "distinct": len(set(docs)) / len(docs)}
 
 
@@ -135,7 +135,7 @@ def cmd_rl(args) -> dict:
         log.write(json.dumps(row) + "\n")
         log.flush()
         bar.update()
-        bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{stats.kl:.3f}")
+        bar.set_postfix(reward=f"{row['reward']:.2f}", length=f"{row['mean_length']:.1f}")
         if args.time_limit is not None and t_train >= args.time_limit:
             break
     bar.close()

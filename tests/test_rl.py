@@ -61,7 +61,13 @@ def test_entropy_steps_and_greedy_rewards_match_a_brute_force():
     reward, states = TargetReward(), []
     for t in out.trajectories:
         st = t.steps
-        ranked = sorted(range(len(st.block)), key=lambda i: -float(st.entropy_mean[i]))[:3]
+        # A step matters if some output slot, or the EOS slot right after the output, was revealed then or later.
+        out_slots = [i for i in range(len(t.tokens)) if t.in_output[i]]
+        gen = [i for i in range(len(t.tokens)) if t.reveal_pass[i] > 0]
+        eos = [i for i in gen if not out_slots or i > out_slots[-1]][:1] if t.finish_reason == "eos" else []
+        last = max(int(t.reveal_step[i]) for i in out_slots + eos)
+        ok = [i for i in range(len(st.block)) if int(st.step[i]) <= last]
+        ranked = sorted(ok, key=lambda i: -float(st.entropy_mean[i]))[:3]
         assert sorted(entropy_steps(t, 3)) == sorted((int(st.block[i]), int(st.pass_index[i])) for i in ranked)
         states += [(t, b, p + d) for b, p in entropy_steps(t, 3) for d in (0, 1)]
     full = greedy_completions(model, states, eos_id=WORDS.index("."))
