@@ -102,6 +102,28 @@ def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
     return (r - r.mean(dim=1, keepdim=True)).reshape(-1)
 
 
+class LengthBaseline:
+    """The expected reward of a document of a given length: a running mean per length bucket over the
+    iterations so far. With it, R − b(length) has mean zero at every length, so the update has no reason
+    to move the length distribution (validity is easier for short documents: a group baseline rewards
+    shortening); what it rewards is being valid at one's own length."""
+
+    def __init__(self, bucket: int = 4, decay: float = 0.8) -> None:
+        if bucket < 1 or not 0 <= decay < 1:
+            raise ValueError(f"need bucket >= 1 and 0 <= decay < 1, got {bucket}, {decay}")
+        self.bucket, self.decay, self.means = bucket, decay, {}
+
+    def __call__(self, rewards: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """The baseline of each rollout (B,), from the iterations before this one where a bucket has been
+        seen (else this batch's bucket mean); then this batch joins the running means."""
+        keys = [n // self.bucket for n in lengths]
+        now = {k: rewards[[i for i, x in enumerate(keys) if x == k]].mean().item() for k in set(keys)}
+        base = torch.tensor([self.means.get(k, now[k]) for k in keys], dtype=rewards.dtype)
+        for k, v in now.items():
+            self.means[k] = self.decay * self.means[k] + (1 - self.decay) * v if k in self.means else v
+        return base
+
+
 def step_advantages(seq_adv: torch.Tensor, before: torch.Tensor, after: torch.Tensor, step_weight: float,
                     chosen: torch.Tensor) -> torch.Tensor:
     """(B, K) stepwise advantages: the sequence's group advantage plus λ·(R(x̂₀ after) − R(x̂₀ before)),
@@ -164,8 +186,9 @@ def greedy_rewards(policy: BD3LM, states: list[tuple[Trajectory, int, int]], rew
 
 
 def build_batch(policy: BD3LM, trajectories: list[Trajectory], reward: Reward, cfg: RLConfig,
-                eos_id: int | None) -> Batch:
-    """Rewards, entropy-guided steps, x̂₀ rewards before and after each step, advantages."""
+                eos_id: int | None, baseline: LengthBaseline | None = None) -> Batch:
+    """Rewards, entropy-guided steps, x̂₀ rewards before and after each step, advantages (the sequence
+    term against the group mean, or against `baseline` by document length)."""
     k = cfg.steps_per_rollout
     rewards = torch.tensor([reward(t.prompt, t.output, finished(t)) for t in trajectories],
                            dtype=torch.float64)
@@ -182,7 +205,11 @@ def build_batch(policy: BD3LM, trajectories: list[Trajectory], reward: Reward, c
             hat[j, s, 0], hat[j, s, 1] = next(hat_flat), next(hat_flat)
             mask[j, s] = True
             old[j, s] = t.steps.logprob_tokens[rows[step]]
-    adv = step_advantages(group_advantages(rewards, cfg.group), hat[..., 0], hat[..., 1], cfg.step_weight, mask)
+    if baseline is None:
+        seq_adv = group_advantages(rewards, cfg.group)
+    else:
+        seq_adv = rewards - baseline(rewards, [len(t.prompt) + len(t.output) for t in trajectories])
+    adv = step_advantages(seq_adv, hat[..., 0], hat[..., 1], cfg.step_weight, mask)
     return Batch(trajectories, rewards, chosen, torch.where(mask, adv, 0.0), old)
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .rl import RLConfig, build_batch, finished, update
+from .rl import LengthBaseline, RLConfig, build_batch, finished, update
 from .rl_engines import ENGINES, CoreEngine, VLLMEngine
 
 EVAL_SEED = 1 << 40  # evaluation seeds, disjoint from the rollouts'; the same in every run
@@ -28,6 +28,8 @@ def add_rl_parser(sub) -> None:
         rl.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("lr", "kl_weight", "step_weight", "clip_low", "clip_high", "grad_clip", "anchor_weight"):
         rl.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    rl.add_argument("--baseline", choices=("group", "length"), default="group",
+                    help="sequence baseline: the prompt's group mean, or a running mean by document length")
     rl.add_argument("--anchor-rows", type=int, default=8,
                     help="rows of source documents in the anchor NELBO per step (with --anchor-weight > 0)")
     rl.add_argument("--logprob-weight", type=float, default=0.0,
@@ -103,6 +105,7 @@ def cmd_rl(args) -> dict:
               else VLLMEngine(ckpt.path, sampler, ckpt.config.model_length, args.seed))
     reward = DocumentReward(tok, args.logprob_weight)
     anchor = SourceNelbo(policy, tok, args.anchor_rows, args.seed) if cfg.anchor_weight > 0 else None
+    baseline = LengthBaseline() if args.baseline == "length" else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     check = lambda n: asdict(evaluate(policy, tok, eval_sampler, samples=n, seed=EVAL_SEED))  # noqa: E731
     start = check(args.final_samples)
@@ -115,7 +118,7 @@ def cmd_rl(args) -> dict:
         groups = engine.rollouts(prompts, cfg.group, seed=args.seed * 10**9 + it * cfg.prompts * cfg.group)
         trajs = [t for g in groups for t in g]
         w1 = time.perf_counter()
-        batch = build_batch(policy, trajs, reward, cfg, ckpt.eos_id)
+        batch = build_batch(policy, trajs, reward, cfg, ckpt.eos_id, baseline)
         w2 = time.perf_counter()
         stats = update(policy, ref, optimizer, batch, cfg, anchor)
         w3 = time.perf_counter()
@@ -145,7 +148,7 @@ def cmd_rl(args) -> dict:
     save_checkpoint(policy, args.out / "checkpoint", tokenizer=tok)
     summary = {"iterations": len(rows), "train_wall_seconds": t_train, "train_cpu_seconds": cpu_train,
                "start": start, "final": final, "source": source_reference(args.final_samples),
-               "config": asdict(cfg), "engine": args.engine, "seed": args.seed,
+               "config": asdict(cfg), "baseline": args.baseline, "engine": args.engine, "seed": args.seed,
                "seconds": {k: sum(r["seconds"][k] for r in rows) for k in rows[0]["seconds"]},
                "max_logprob_gap": max(r["max_logprob_gap"] for r in rows)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

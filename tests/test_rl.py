@@ -9,7 +9,7 @@ import torch
 from bd3_plugin.checkpoint import load_checkpoint, save_checkpoint
 from bd3_plugin.generate import SamplerConfig, generate, greedy_completions
 from bd3_plugin.noise import seeded_generators
-from bd3_plugin.rl import (RLConfig, build_batch, clipped_surrogate, entropy_steps, exact_kl, greedy_rewards,
+from bd3_plugin.rl import (LengthBaseline, RLConfig, build_batch, clipped_surrogate, entropy_steps, exact_kl, greedy_rewards,
                            group_advantages, update)
 from bd3_plugin.rl_engines import CoreEngine
 from bd3_plugin.trajectory_scoring import score_trajectory
@@ -49,6 +49,12 @@ def test_pure_pieces_against_naive_formulas():
     loss, ratio = clipped_surrogate(new, old, adv, 0.2, 0.5)
     naive = [-min(r * a, max(min(r, 1.5), 0.8) * a) for r, a in zip((new - old).exp().tolist(), adv.tolist())]
     assert loss.tolist() == pytest.approx(naive) and ratio.tolist() == pytest.approx((new - old).exp().tolist())
+    # Length baseline: a bucket's first batch is its own mean; later, the running mean of earlier batches.
+    base = LengthBaseline(bucket=4, decay=0.5)
+    r1 = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    assert base(r1, [8, 9, 20]).tolist() == [0.5, 0.5, 1.0]
+    assert base(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), [10, 21, 40]).tolist() == [0.5, 1.0, 0.0]
+    assert base.means == {2: 0.75, 5: 0.5, 10: 0.0}
     p, q = torch.randn(5, 7).log_softmax(-1), torch.randn(5, 7).log_softmax(-1)
     assert exact_kl(p, q).tolist() == pytest.approx(
         torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).tolist(), abs=1e-6)
