@@ -101,11 +101,12 @@ class WorldEval:
     nll_bound: float  # held-out NELBO per token (fixed Monte Carlo draws: comparable across calls)
 
 
-def source_reference(samples: int) -> dict:
-    """The held-out documents' own mean length and distinct rate over the first `samples` of them."""
-    docs = [tuple(d.text.split()) for d in read_heldout(HELDOUT)]
-    docs = (docs * (samples // len(docs) + 1))[:samples] if samples > len(docs) else docs[:samples]
-    return {"mean_length": sum(len(d) + 1 for d in docs) / len(docs), "distinct": len(set(docs)) / len(docs)}
+def source_reference(samples: int, seed: int = 0) -> dict:
+    """The source's own mean length (tokens, EOS included) and distinct-document rate over `samples`
+    documents it draws: what the model's samples should stay near."""
+    rng, source = random.Random(seed), Source()
+    docs = [tuple(source.sample(rng)) for _ in range(samples)]
+    return {"mean_length": sum(map(len, docs)) / samples, "distinct": len(set(docs)) / samples}
 
 
 def evaluate(model: BD3LM, tokenizer, sampler: SamplerConfig, *, samples: int, seed: int, nll_docs: int = 100,
