@@ -195,7 +195,8 @@ def build_batch(policy: BD3LM, trajectories: list[Trajectory], reward: Reward, c
     chosen = [entropy_steps(t, k) for t in trajectories]
     # State before step (b, p): slots revealed at pass >= p masked; after it: at pass >= p + 1.
     states = [(t, b, p + d) for t, steps in zip(trajectories, chosen) for b, p in steps for d in (0, 1)]
-    hat_flat = iter(greedy_rewards(policy, states, reward, eos_id))
+    # With λ = 0 the x̂₀ rewards do not enter the advantages: no greedy completions are run.
+    hat_flat = iter(greedy_rewards(policy, states, reward, eos_id) if cfg.step_weight > 0 else [0.0] * len(states))
     hat = torch.zeros(len(trajectories), k, 2, dtype=torch.float64)
     mask = torch.zeros(len(trajectories), k, dtype=torch.bool)
     old = torch.zeros(len(trajectories), k, dtype=torch.float64)

@@ -147,3 +147,18 @@ def test_cli_runs_on_the_tiny_world_and_refuses_bad_input(tmp_path):
     save_checkpoint(random_model(), other, tokenizer=word_tokenizer())
     _one_line_error(bd3("--iterations", 1, "--out", tmp_path / "x", "--checkpoint", other),
                     "tokenizer is not the tiny world's")
+
+
+def test_vllm_engine_rollouts_replay_under_the_updated_weights(tmp_path):
+    """Rollouts served by vLLM, weights updated in place after every step: the core scorer, holding the
+    trainer's weights, must reproduce each iteration's rollout log-probs (iteration 2's came from the
+    engine after its first update, so this also checks that the update landed)."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("vllm_backend.traces")  # the engine's trajectory helper
+    out = tmp_path / "run"
+    r = bd3("--engine", "vllm", "--iterations", 2, "--out", out, "--prompts", 2, "--group", 4,
+            "--steps-per-rollout", 2, "--eval-every", 0, "--final-samples", 8, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["weight_version"] for row in rows] == ["rl-1", "rl-2"]
+    assert all(row["max_logprob_gap"] <= 1e-5 for row in rows) and sum(row["scored_steps"] for row in rows) > 0, rows
