@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .rl import LengthBaseline, RLConfig, build_batch, finished, update
 from .rl_engines import ENGINES, CoreEngine, VLLMEngine
@@ -76,23 +77,43 @@ def _rollout_stats(trajs, reward) -> dict:
             / len(trajs), "mean_length": sum(map(len, docs)) / len(docs), "distinct": len(set(docs)) / len(docs)}
 
 
-def cmd_rl(args) -> dict:
-    import torch
-    from tqdm import tqdm
+@dataclass
+class _Run:
+    """Everything one `bd3 rl` run holds across iterations."""
 
-    from .checkpoint import load_checkpoint, save_checkpoint
+    args: Any
+    cfg: RLConfig
+    ckpt: Any
+    ref: Any
+    engine: Any
+    reward: Any
+    anchor: Any
+    baseline: LengthBaseline | None
+    optimizer: Any
+    pool: list[list[int]]
+    eval_sampler: Any
+
+    def check(self, samples: int) -> dict:
+        from .tinyworld.rl_task import evaluate
+
+        return asdict(evaluate(self.ckpt.model, self.ckpt.tokenizer, self.eval_sampler, samples=samples,
+                               seed=EVAL_SEED))
+
+
+def _setup(args) -> _Run:
+    import torch
+
+    from .checkpoint import load_checkpoint
     from .cli import UsageError
     from .generate import SamplerConfig
-    from .tinyworld.rl_task import DocumentReward, SourceNelbo, evaluate, source_reference, training_prompts
+    from .tinyworld.rl_task import DocumentReward, SourceNelbo, training_prompts
 
     _check(args)
     cfg = RLConfig(**{k: getattr(args, k) for k in RLConfig.__dataclass_fields__})
     ckpt = load_checkpoint(args.checkpoint)
     _check_vocabulary(ckpt.tokenizer)
-    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     policy, tok = ckpt.model.eval(), ckpt.tokenizer  # dropout off: the scorer must replay the rollout exactly
-    ref = copy.deepcopy(policy).requires_grad_(False)
     pool = training_prompts(tok, args.iterations * cfg.prompts, seed=args.seed)
     longest = max(len(p) for p in pool)
     budget = ckpt.config.model_length - longest
@@ -100,55 +121,71 @@ def cmd_rl(args) -> dict:
         raise UsageError(f"--max-new-tokens must lie in [1, {budget}] (model length {ckpt.config.model_length}, "
                          f"prompts up to {longest} tokens), got {args.max_new_tokens}")
     sampler = SamplerConfig(algorithm="first_hitting", temperature=1.0, max_new_tokens=args.max_new_tokens or budget)
-    eval_sampler = SamplerConfig(algorithm="first_hitting", temperature=1.0, max_new_tokens=128)
     engine = (CoreEngine(policy, sampler, ckpt.eos_id) if args.engine == "core"
               else VLLMEngine(ckpt.path, sampler, ckpt.config.model_length, args.seed))
-    reward = DocumentReward(tok, args.logprob_weight)
-    anchor = SourceNelbo(policy, tok, args.anchor_rows, args.seed) if cfg.anchor_weight > 0 else None
-    baseline = LengthBaseline() if args.baseline == "length" else None
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    check = lambda n: asdict(evaluate(policy, tok, eval_sampler, samples=n, seed=EVAL_SEED))  # noqa: E731
-    start = check(args.final_samples)
-    log = (args.out / "log.jsonl").open("w")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return _Run(args, cfg, ckpt, copy.deepcopy(policy).requires_grad_(False), engine,
+                DocumentReward(tok, args.logprob_weight),
+                SourceNelbo(policy, tok, args.anchor_rows, args.seed) if cfg.anchor_weight > 0 else None,
+                LengthBaseline() if args.baseline == "length" else None,
+                torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0), pool,
+                SamplerConfig(algorithm="first_hitting", temperature=1.0, max_new_tokens=128))
+
+
+def _iteration(run: _Run, it: int) -> dict:
+    """One iteration, timed part by part; returns its log row."""
+    cfg, policy = run.cfg, run.ckpt.model
+    w0, c0 = time.perf_counter(), time.process_time()
+    prompts = run.pool[it * cfg.prompts : (it + 1) * cfg.prompts]
+    groups = run.engine.rollouts(prompts, cfg.group, seed=run.args.seed * 10**9 + it * cfg.prompts * cfg.group)
+    trajs = [t for g in groups for t in g]
+    w1 = time.perf_counter()
+    batch = build_batch(policy, trajs, run.reward, cfg, run.ckpt.eos_id, run.baseline)
+    w2 = time.perf_counter()
+    stats = update(policy, run.ref, run.optimizer, batch, cfg, run.anchor)
+    w3 = time.perf_counter()
+    run.engine.update(policy, f"rl-{it + 1}")
+    w4, c4 = time.perf_counter(), time.process_time()
+    return {"iteration": it + 1, "reward": batch.rewards.mean().item(), **_rollout_stats(trajs, run.reward),
+            "kl": stats.kl, "loss": stats.loss, "ratio_mean": stats.ratio_mean, "clipped": stats.clipped,
+            "max_logprob_gap": stats.max_logprob_gap, "scored_steps": stats.scored_steps,
+            "anchor": stats.anchor, "weight_version": f"rl-{it + 1}",
+            "seconds": {"rollouts": w1 - w0, "advantages": w2 - w1, "scoring": stats.seconds_scoring,
+                        "optimiser": stats.seconds_optimiser, "weight_update": w4 - w3, "total": w4 - w0},
+            "cpu_seconds": c4 - c0}
+
+
+def cmd_rl(args) -> dict:
+    from tqdm import tqdm
+
+    from .checkpoint import save_checkpoint
+    from .tinyworld.rl_task import source_reference
+
+    run = _setup(args)
+    start = run.check(args.final_samples)
     rows, t_train, cpu_train = [], 0.0, 0.0
     bar = tqdm(total=args.iterations, desc="bd3 rl", disable=args.json)
-    for it in range(args.iterations):
-        w0, c0 = time.perf_counter(), time.process_time()
-        prompts = pool[it * cfg.prompts : (it + 1) * cfg.prompts]
-        groups = engine.rollouts(prompts, cfg.group, seed=args.seed * 10**9 + it * cfg.prompts * cfg.group)
-        trajs = [t for g in groups for t in g]
-        w1 = time.perf_counter()
-        batch = build_batch(policy, trajs, reward, cfg, ckpt.eos_id, baseline)
-        w2 = time.perf_counter()
-        stats = update(policy, ref, optimizer, batch, cfg, anchor)
-        w3 = time.perf_counter()
-        engine.update(policy, f"rl-{it + 1}")
-        w4, c4 = time.perf_counter(), time.process_time()
-        t_train, cpu_train = t_train + w4 - w0, cpu_train + c4 - c0
-        row = {"iteration": it + 1, "reward": batch.rewards.mean().item(), **_rollout_stats(trajs, reward),
-               "kl": stats.kl, "loss": stats.loss, "ratio_mean": stats.ratio_mean, "clipped": stats.clipped,
-               "max_logprob_gap": stats.max_logprob_gap, "scored_steps": stats.scored_steps,
-               "anchor": stats.anchor, "weight_version": f"rl-{it + 1}",
-               "seconds": {"rollouts": w1 - w0, "advantages": w2 - w1, "scoring": stats.seconds_scoring,
-                           "optimiser": stats.seconds_optimiser, "weight_update": w4 - w3, "total": w4 - w0},
-               "cpu_seconds": c4 - c0, "train_seconds": t_train}
-        if args.eval_every and (it + 1) % args.eval_every == 0:
-            row["heldout"] = check(args.eval_samples)
-        rows.append(row)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        bar.update()
-        bar.set_postfix(reward=f"{row['reward']:.2f}", length=f"{row['mean_length']:.1f}")
-        if args.time_limit is not None and t_train >= args.time_limit:
-            break
+    with (args.out / "log.jsonl").open("w") as log:
+        for it in range(args.iterations):
+            row = _iteration(run, it)
+            t_train, cpu_train = t_train + row["seconds"]["total"], cpu_train + row["cpu_seconds"]
+            row["train_seconds"] = t_train
+            if args.eval_every and (it + 1) % args.eval_every == 0:
+                row["heldout"] = run.check(args.eval_samples)
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.update()
+            bar.set_postfix(reward=f"{row['reward']:.2f}", length=f"{row['mean_length']:.1f}")
+            if args.time_limit is not None and t_train >= args.time_limit:
+                break
     bar.close()
-    log.close()
-    engine.close()
-    final = check(args.final_samples)
-    save_checkpoint(policy, args.out / "checkpoint", tokenizer=tok)
+    run.engine.close()
+    final = run.check(args.final_samples)
+    save_checkpoint(run.ckpt.model, args.out / "checkpoint", tokenizer=run.ckpt.tokenizer)
     summary = {"iterations": len(rows), "train_wall_seconds": t_train, "train_cpu_seconds": cpu_train,
                "start": start, "final": final, "source": source_reference(args.final_samples),
-               "config": asdict(cfg), "baseline": args.baseline, "engine": args.engine, "seed": args.seed,
+               "config": asdict(run.cfg), "baseline": args.baseline, "engine": args.engine, "seed": args.seed,
                "seconds": {k: sum(r["seconds"][k] for r in rows) for k in rows[0]["seconds"]},
                "max_logprob_gap": max(r["max_logprob_gap"] for r in rows)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
