@@ -113,9 +113,17 @@ class LengthBaseline:
             raise ValueError(f"need bucket >= 1 and 0 <= decay < 1, got {bucket}, {decay}")
         self.bucket, self.decay, self.means = bucket, decay, {}
 
-    def __call__(self, rewards: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    def __call__(self, rewards: torch.Tensor, lengths: list[int], stopped: list[bool] | None = None) -> torch.Tensor:
         """The baseline of each rollout (B,), from the iterations before this one where a bucket has been
-        seen (else this batch's bucket mean); then this batch joins the running means."""
+        seen (else this batch's bucket mean); then this batch joins the running means. A rollout that did
+        not stop (`stopped` False) is compared with the batch's mean instead: by length alone, never
+        finishing would cost nothing."""
+        if stopped is not None and not all(stopped):
+            done = [i for i, x in enumerate(stopped) if x]
+            base = torch.full_like(rewards, rewards.mean().item())
+            if done:
+                base[done] = self(rewards[done], [lengths[i] for i in done])
+            return base
         keys = [n // self.bucket for n in lengths]
         now = {k: rewards[[i for i, x in enumerate(keys) if x == k]].mean().item() for k in set(keys)}
         base = torch.tensor([self.means.get(k, now[k]) for k in keys], dtype=rewards.dtype)
@@ -209,7 +217,8 @@ def build_batch(policy: BD3LM, trajectories: list[Trajectory], reward: Reward, c
     if baseline is None:
         seq_adv = group_advantages(rewards, cfg.group)
     else:
-        seq_adv = rewards - baseline(rewards, [len(t.prompt) + len(t.output) for t in trajectories])
+        seq_adv = rewards - baseline(rewards, [len(t.prompt) + len(t.output) for t in trajectories],
+                                     [finished(t) for t in trajectories])
     adv = step_advantages(seq_adv, hat[..., 0], hat[..., 1], cfg.step_weight, mask)
     return Batch(trajectories, rewards, chosen, torch.where(mask, adv, 0.0), old)
 

@@ -55,6 +55,11 @@ def test_pure_pieces_against_naive_formulas():
     assert base(r1, [8, 9, 20]).tolist() == [0.5, 0.5, 1.0]
     assert base(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), [10, 21, 40]).tolist() == [0.5, 1.0, 0.0]
     assert base.means == {2: 0.75, 5: 0.5, 10: 0.0}
+    # A rollout that did not stop is compared with the batch mean, and does not join the running means.
+    fresh = LengthBaseline(bucket=4, decay=0.5)
+    r2 = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    assert fresh(r2, [8, 9, 20, 120], [True, True, True, False]).tolist() == [0.5, 0.5, 1.0, 0.5]
+    assert fresh.means == {2: 0.5, 5: 1.0}
     p, q = torch.randn(5, 7).log_softmax(-1), torch.randn(5, 7).log_softmax(-1)
     assert exact_kl(p, q).tolist() == pytest.approx(
         torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).tolist(), abs=1e-6)
