@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import ConfigError
 from .generate import ALGORITHMS
 from .genppl_cli import add_genppl_parser, cmd_genppl
+from .rl_cli import add_rl_parser, cmd_rl
 
 
 class UsageError(ValueError):
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="default: the model length")
     add_train_parser(sub)
     add_genppl_parser(sub)
+    add_rl_parser(sub)
     return parser
 
 
@@ -270,7 +272,7 @@ def cmd_world(args) -> dict:
 
 
 COMMANDS = {"info": cmd_info, "nelbo": cmd_nelbo, "sample": cmd_sample, "train": cmd_train, "world": cmd_world,
-            "serve": cmd_serve, "genppl": cmd_genppl}
+            "serve": cmd_serve, "genppl": cmd_genppl, "rl": cmd_rl}
 
 
 def main(argv: list[str] | None = None) -> int:
