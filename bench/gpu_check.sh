@@ -64,7 +64,7 @@ PY
 )
 if [ -z "$why" ]; then
     step "vllm backend tests on cuda" 300 "$py" -m pytest -q -p no:cacheprovider tests/test_vllm_backend.py
-    step "bench_vllm on cuda" 300 "$py" bench/bench_vllm.py
+    step "bench_vllm on cuda" 600 "$py" bench/bench_vllm.py --threads 8
 else skip "vllm backend" "$(echo "$why" | tail -1)"; fi
 
 echo; echo "=== summary"
