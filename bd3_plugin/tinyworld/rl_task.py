@@ -72,23 +72,21 @@ class SourceNelbo:
     documents at every call; it keeps the model a model of the language while the reward pulls it."""
 
     def __init__(self, model: BD3LM, tokenizer, rows: int, seed: int, n_docs: int = 4000) -> None:
-        from ..train import rows_from_stream
+        from ..train import TrainConfig, rows_from_stream
         from .data import stream_ids
 
         self.model, self.rows = model, rows
+        cfg = model.config
+        self.noise = TrainConfig(block_size=cfg.block_size, model_length=cfg.model_length)  # training's noise
         docs = training_docs(n_docs, seed=seed + 1)  # not the prompts' documents
         self.data = rows_from_stream(stream_ids(docs, tokenizer), model.config.model_length)
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self) -> torch.Tensor:
-        from ..nelbo import draw_noise, terms_from_logits
+        from ..train import loss_fn
 
-        cfg = self.model.config
         x0 = self.data[torch.randint(len(self.data), (self.rows,), generator=self.gen)]  # (rows, L)
-        eligible = torch.ones_like(x0, dtype=torch.bool)
-        eligible[:, 0] = False  # the first token stays clean, as in training
-        draw = draw_noise(x0, eligible, cfg.block_size, cfg.mask_id, self.gen)
-        return terms_from_logits(self.model.forward_train(draw.x_t, x0), draw, x0, cfg.mask_id).mean()
+        return loss_fn(self.model, x0, self.gen, self.noise)
 
 
 @dataclass(frozen=True)
