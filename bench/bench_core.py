@@ -18,12 +18,13 @@ import time
 
 import torch
 
-from bd3_plugin.checkpoint import load_checkpoint
-from bd3_plugin.config import BD3Config
-from bd3_plugin.generate import SamplerConfig, generate
-from bd3_plugin.model import BD3LM
-from bd3_plugin.nelbo import nelbo_terms
-from bd3_plugin.noise import seeded_generators
+from bd3_plugin.core.checkpoint import load_checkpoint
+from bd3_plugin.core.config import BD3Config
+from bd3_plugin.sampling.config import SamplerConfig
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.core.model import BD3LM
+from bd3_plugin.likelihood.nelbo import nelbo_terms
+from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
 from bench_model import bench_model
 

@@ -16,9 +16,9 @@ import time
 import torch
 from lm_eval.api.instance import Instance
 
-from bd3_plugin.estimators import Estimator, exact_passes
-from bd3_plugin.lm_eval_adapter import BD3EvalLM
-from bd3_plugin.scoring import eval_interval
+from bd3_plugin.likelihood.estimators import Estimator, exact_passes
+from bd3_plugin.evals.lm_eval_adapter import BD3EvalLM
+from bd3_plugin.likelihood.scoring import eval_interval
 from bd3_plugin.tinyworld.data import checkpoint_path, mc_pairs
 
 

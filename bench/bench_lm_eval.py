@@ -13,8 +13,8 @@ import time
 import torch
 from lm_eval.api.instance import Instance
 
-from bd3_plugin.estimators import resolve
-from bd3_plugin.lm_eval_adapter import BD3EvalLM
+from bd3_plugin.likelihood.estimators import resolve
+from bd3_plugin.evals.lm_eval_adapter import BD3EvalLM
 from bd3_plugin.tinyworld.data import checkpoint_path, mc_pairs, read_heldout
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from bd3_plugin.config import BD3Config
-from bd3_plugin.model import BD3LM
+from bd3_plugin.core.config import BD3Config
+from bd3_plugin.core.model import BD3LM
 
 
 def bench_model(device: str = "cpu", dtype: torch.dtype = torch.float32) -> BD3LM:

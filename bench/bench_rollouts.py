@@ -6,7 +6,7 @@
    disturb far less than wall-clock time.
 2. `score_trajectory` on the recorded rollouts: forward passes and time per rollout.
 3. The vLLM engine (in this process, the bundled tiny-world L' = 16 checkpoint), the same requests with
-   traces off (`LLM.generate`), with traces on (`vllm_backend.traces.generate_with_trajectories`) and with
+   traces off (`LLM.generate`), with traces on (`vllm_backend.server.traces.generate_with_trajectories`) and with
    `logprobs=5`, alternating; generated tokens per second of process CPU time.
 
     python bench/bench_rollouts.py [--threads N] [--repeats R] [--part core|engine|all]
@@ -20,10 +20,12 @@ import time
 
 import torch
 
-from bd3_plugin.generate import SamplerConfig, generate
-from bd3_plugin.noise import seeded_generators
+from bd3_plugin.sampling.config import SamplerConfig
+
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.core.generators import seeded_generators
 from bench_model import bench_model
-from bd3_plugin.trajectory_scoring import score_trajectory
+from bd3_plugin.rl.trajectory_scoring import score_trajectory
 
 
 def main() -> None:
@@ -96,9 +98,9 @@ def engine(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from bd3_plugin.checkpoint import load_checkpoint
+    from bd3_plugin.core.checkpoint import load_checkpoint
     from bd3_plugin.tinyworld.data import checkpoint_path
-    from vllm_backend.traces import generate_with_trajectories
+    from vllm_backend.server.traces import generate_with_trajectories
 
     path = checkpoint_path(16)
     prompts = [load_checkpoint(path).encode("<eos> the old cow sees")] * args.batch

@@ -75,7 +75,7 @@ def table(bd3_runs, ar_runs, correct=None) -> None:
 def choose_threshold(ckpt, items, thresholds) -> float:
     """The threshold with the most tokens per denoising pass among those with ≥ 98% exact answers (ties:
     the highest threshold), from the core sampler at temperature 0."""
-    from bd3_plugin.generate import SamplerConfig
+    from bd3_plugin.sampling.config import SamplerConfig
     from bd3_plugin.tinyworld.copy_eval import solve
 
     scores = {}
@@ -92,8 +92,8 @@ def choose_threshold(ckpt, items, thresholds) -> float:
 
 
 def copy_part(args, work: str) -> None:
-    from bd3_plugin.checkpoint import load_checkpoint
-    from bd3_plugin.generate import SamplerConfig
+    from bd3_plugin.core.checkpoint import load_checkpoint
+    from bd3_plugin.sampling.config import SamplerConfig
     from bd3_plugin.tinyworld.copy_eval import solve
     from bd3_plugin.tinyworld.copying import CopySource
     from bd3_plugin.tinyworld.data import copy_checkpoint_path, read_copy_heldout
@@ -133,8 +133,10 @@ def copy_part(args, work: str) -> None:
 def core_batch1(ckpt, prompts, tokens: int) -> tuple[float, float]:
     import time
 
-    from bd3_plugin.generate import SamplerConfig, generate
-    from bd3_plugin.noise import seeded_generators
+    from bd3_plugin.sampling.config import SamplerConfig
+
+    from bd3_plugin.sampling.generate import generate
+    from bd3_plugin.core.generators import seeded_generators
 
     cfg = SamplerConfig(algorithm="first_hitting", max_new_tokens=tokens, stop_at_eos=False)
     generate(ckpt.model, prompts[:1], cfg, seeded_generators([0]))  # warm-up
@@ -147,7 +149,7 @@ def core_batch1(ckpt, prompts, tokens: int) -> tuple[float, float]:
 
 
 def grammar_part(args, work: str) -> None:
-    from bd3_plugin.checkpoint import load_checkpoint
+    from bd3_plugin.core.checkpoint import load_checkpoint
     from bd3_plugin.tinyworld.data import checkpoint_path
 
     path = checkpoint_path(args.grammar_block_size)
@@ -171,7 +173,7 @@ def grammar_part(args, work: str) -> None:
 
 # ---- released shape ---------------------------------------------------------------------------------
 def released_part(args, work: str) -> None:
-    from bd3_plugin.checkpoint import load_checkpoint
+    from bd3_plugin.core.checkpoint import load_checkpoint
     from bd3_plugin.tinyworld.data import checkpoint_path
     from position_arithmetic import dit_cost, first_hitting_positions, llama_cost, predicted_ratio
 

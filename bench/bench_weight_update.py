@@ -1,4 +1,4 @@
-"""Seconds to put new weights into a running vLLM engine (`vllm_backend.weights.update_weights`) from a
+"""Seconds to put new weights into a running vLLM engine (`vllm_backend.rollout.update_weights`) from a
 checkpoint folder and from an in-memory state dict, against starting a fresh engine on the same checkpoint,
 side by side in one run.
 
@@ -43,7 +43,7 @@ def main() -> None:
     from vllm import LLM
 
     from bd3_plugin.tinyworld.data import checkpoint_path
-    from vllm_backend.weights import update_weights
+    from vllm_backend.rollout import update_weights
 
     folder = args.checkpoint or str(checkpoint_path(4))
     kwargs = {"max_model_len": 128, "seed": 0, "enforce_eager": True}

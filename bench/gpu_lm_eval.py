@@ -16,7 +16,7 @@ import time
 
 from lm_eval.api.instance import Instance
 
-from bd3_plugin.lm_eval_adapter import BD3EvalLM
+from bd3_plugin.evals.lm_eval_adapter import BD3EvalLM
 from bd3_plugin.tinyworld.data import BLOCK_SIZES, checkpoint_path, generation_prompts, mc_pairs, read_heldout
 from bd3_plugin.tinyworld.grammar import Source, text_words
 

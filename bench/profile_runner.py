@@ -5,7 +5,7 @@
 
 Parts are functions' cumulative times (a part called inside another counts in both); "model" is the
 backbone over the tokens, "output layer" `compute_logits`, "metadata" the runner's and the attention
-backend's metadata building, "sampler" the step functions of `bd3_plugin.sampling`.
+backend's metadata building, "sampler" the step functions of `bd3_plugin.sampling.samplers`.
 """
 from __future__ import annotations
 
@@ -22,22 +22,22 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # (label, file suffix, function name): the parts reported
 PARTS = [
     ("engine step (all)", "v1/engine/core.py", "step"),
-    ("scheduler: schedule", "vllm_backend/engine.py", "schedule"),
+    ("scheduler: schedule", "vllm_backend/worker/engine.py", "schedule"),
     ("scheduler: update_from_output", "sched/scheduler.py", "update_from_output"),
-    ("runner: execute_model", "vllm_backend/runner.py", "execute_model"),
-    ("runner: _update_states", "vllm_backend/runner.py", "_update_states"),
+    ("runner: execute_model", "vllm_backend/worker/runner.py", "execute_model"),
+    ("runner: _update_states", "vllm_backend/worker/runner.py", "_update_states"),
     ("runner: _prepare_inputs (vLLM)", "gpu_model_runner.py", "_prepare_inputs"),
     ("runner: attention metadata (vLLM)", "gpu_model_runner.py", "_build_attention_metadata"),
     ("metadata: split_into_blocks", "", "split_into_blocks"),
-    ("metadata: take_blocks", "vllm_backend/block_metadata.py", "take_blocks"),
+    ("metadata: take_blocks", "vllm_backend/worker/block_metadata.py", "take_blocks"),
     ("metadata: CPU attention build", "backends/cpu_attn.py", "build"),
-    ("runner: _model_forward", "vllm_backend/runner.py", "_model_forward"),
-    ("model (backbone)", "vllm_backend/model.py", "forward"),
-    ("output layer", "vllm_backend/model.py", "compute_logits"),
-    ("sampler: denoise_block", "bd3_plugin/denoise.py", "denoise_block"),
-    ("sampler: step functions", "bd3_plugin/sampling.py", "first_hitting_step"),
-    ("sampler: step functions", "bd3_plugin/sampling.py", "threshold_step"),
-    ("sampler: step functions", "bd3_plugin/sampling.py", "ddpm_step"),
+    ("runner: _model_forward", "vllm_backend/worker/runner.py", "_model_forward"),
+    ("model (backbone)", "vllm_backend/worker/model.py", "forward"),
+    ("output layer", "vllm_backend/worker/model.py", "compute_logits"),
+    ("sampler: denoise_block", "bd3_plugin/sampling/denoise.py", "denoise_block"),
+    ("sampler: step functions", "bd3_plugin/sampling/samplers.py", "first_hitting_step"),
+    ("sampler: step functions", "bd3_plugin/sampling/samplers.py", "threshold_step"),
+    ("sampler: step functions", "bd3_plugin/sampling/samplers.py", "ddpm_step"),
     ("runner: sample_tokens (vLLM)", "gpu_model_runner.py", "sample_tokens"),
     ("runner: bookkeeping (vLLM)", "gpu_model_runner.py", "_bookkeeping_sync"),
     ("output processing (vLLM)", "v1/engine/output_processor.py", "process_outputs"),
@@ -66,7 +66,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from bd3_plugin.checkpoint import load_checkpoint
+    from bd3_plugin.core.checkpoint import load_checkpoint
     from bd3_plugin.tinyworld.data import checkpoint_path, read_heldout, stream_ids
 
     ckpt = load_checkpoint(checkpoint_path(args.block_size))

@@ -36,9 +36,9 @@ def make_released_bd3(block_size: int, tokenizer, folder: str):
     """A random-weight BD3-LM at the released checkpoints' shape (12 layers × 768, 12 heads, vocabulary
     50,258, L = 1024), written as a checkpoint folder vLLM serves. The tokenizer only encodes the prompts:
     generated ids run past its vocabulary, so requests must not detokenize."""
-    from bd3_plugin.checkpoint import save_checkpoint
-    from bd3_plugin.config import BD3Config
-    from bd3_plugin.model import BD3LM
+    from bd3_plugin.core.checkpoint import save_checkpoint
+    from bd3_plugin.core.config import BD3Config
+    from bd3_plugin.core.model import BD3LM
 
     cfg = BD3Config(vocab_size=50258, model_length=1024, block_size=block_size, hidden_dim=768, n_heads=12,
                     n_blocks=12, cond_dim=128, dropout=0.0)

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from .plan import plan
+from ray_jobs.plan import plan
 
 
 def task_groups(values: list[str]) -> list[list[str]]:
@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .collect import markdown, plot, rows, write_table
-    from .launcher import SweepError, run_sweep
+    from ray_jobs.collect import markdown, plot, rows, write_table
+    from ray_jobs.launcher import SweepError, run_sweep
 
     groups = task_groups(args.tasks)
     if not all(groups):

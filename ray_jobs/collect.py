@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .plan import Unit
+from ray_jobs.plan import Unit
 
 COLUMNS = ("checkpoint", "block_size", "task", "metric", "value", "stderr", "estimator", "status")
 # The metric each task is plotted by, and the reference line drawn beside it.
@@ -15,7 +15,7 @@ PLOT_METRICS = {"word_perplexity": "true_word_perplexity"}
 
 def _estimator(model_args: str) -> str:
     """The likelihood estimator the unit's model args select, as name/passes (e.g. auto/16, mc/4)."""
-    from bd3_plugin.estimators import resolve
+    from bd3_plugin.likelihood.estimators import resolve
 
     args = dict(part.split("=", 1) for part in model_args.split(",") if "=" in part)
     ints = {k: int(args[k]) if args.get(k, "").strip().isdigit() else None for k in ("passes", "mc_samples")}

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from .plan import Unit, status
-from .unit import run_unit, write_atomic
+from ray_jobs.plan import Unit, status
+from ray_jobs.unit import run_unit, write_atomic
 
 
 class SweepError(RuntimeError):

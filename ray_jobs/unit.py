@@ -8,7 +8,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .plan import TASKS_DIR, Unit
+from ray_jobs.plan import TASKS_DIR, Unit
 
 
 def write_atomic(path: Path, payload: dict) -> None:
@@ -44,7 +44,7 @@ def metrics_of(results: dict) -> list[dict]:
 def evaluate(unit: Unit, device: str) -> dict:
     import lm_eval
 
-    from bd3_plugin.checkpoint import read_config, resolve
+    from bd3_plugin.core.checkpoint import read_config, resolve
 
     cfg = read_config(resolve(unit.checkpoint))  # a clear error for a missing or non-BD3 checkpoint
     args = f"pretrained={unit.checkpoint}" + (f",{unit.model_args}" if unit.model_args else "")

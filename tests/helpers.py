@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from bd3_plugin.config import BD3Config
-from bd3_plugin.model import BD3LM
+from bd3_plugin.core.config import BD3Config
+from bd3_plugin.core.model import BD3LM
 
 WORDS = ["the", "a", "cat", "dog", "bird", "sees", "likes", "runs", "sleeps", "big", "small", "red", "and", ".",
          ",", "quickly", "slowly", "over", "under", "tree"]
@@ -62,7 +62,7 @@ def naive_sample(model: BD3LM, prompt: list[int], config, seed: int, n_new: int)
     logits. The row's generator is drawn from in the samplers' order: first-hitting the position, then the
     token; DDPM a coin per masked slot, then the revealed tokens; threshold a token at every masked slot.
     DDPM passes only when the block changed (caching). Returns the tokens and the passes."""
-    from bd3_plugin.sampling import ddpm_reveal_probability, draw_tokens, greedy_positions, token_probs
+    from bd3_plugin.sampling.samplers import ddpm_reveal_probability, draw_tokens, greedy_positions, token_probs
 
     gen, size, mask_id = torch.Generator().manual_seed(seed), model.config.block_size, model.config.mask_id
     whole = len(prompt) // size * size

@@ -15,8 +15,8 @@ sys.path.insert(0, str(BENCH))
 from bench_args import parse_args  # noqa: E402
 from position_arithmetic import dit_cost, first_hitting_positions, llama_cost, predicted_ratio  # noqa: E402
 
-from bd3_plugin.config import BD3Config  # noqa: E402
-from bd3_plugin.model import BD3LM  # noqa: E402
+from bd3_plugin.core.config import BD3Config  # noqa: E402
+from bd3_plugin.core.model import BD3LM  # noqa: E402
 
 
 def _weights(module: torch.nn.Module, names: tuple[str, ...]) -> int:
@@ -38,7 +38,7 @@ def test_dit_cost_counts_the_per_position_weights_of_the_model():
 def test_llama_cost_counts_the_per_position_weights_of_the_bench_llama(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from bd3_plugin.checkpoint import load_checkpoint
+    from bd3_plugin.core.checkpoint import load_checkpoint
     from bd3_plugin.tinyworld.data import checkpoint_path
     from vllm_timing import make_llama
 

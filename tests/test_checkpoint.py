@@ -4,12 +4,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bd3_plugin.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from bd3_plugin.config import BD3Config, ConfigError
-from bd3_plugin.generate import SamplerConfig, generate
-from bd3_plugin.model import BD3LM
-from bd3_plugin.nelbo import nelbo_terms
-from bd3_plugin.noise import seeded_generators
+from bd3_plugin.core.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from bd3_plugin.core.config import BD3Config, ConfigError
+from bd3_plugin.sampling.config import SamplerConfig
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.core.model import BD3LM
+from bd3_plugin.likelihood.nelbo import nelbo_terms
+from bd3_plugin.core.generators import seeded_generators
 from helpers import assert_close, random_model, tiny_config, word_tokenizer
 from test_config import RELEASED
 

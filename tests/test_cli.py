@@ -5,16 +5,16 @@ import sys
 import pytest
 import torch
 
-from bd3_plugin.checkpoint import load_checkpoint, save_checkpoint
-from bd3_plugin.estimators import Estimator
-from bd3_plugin.scoring import report, score_documents
+from bd3_plugin.core.checkpoint import load_checkpoint, save_checkpoint
+from bd3_plugin.likelihood.estimators import Estimator
+from bd3_plugin.likelihood.scoring import report, score_documents
 from helpers import random_model, tiny_config, word_tokenizer
 
 TEXT = "the cat sees a dog . the big dog runs over the tree , and a small bird sleeps . " * 3
 
 
 def bd3(*args):
-    return subprocess.run([sys.executable, "-m", "bd3_plugin.cli", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "bd3_plugin.cli.main", *map(str, args)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,9 @@ def test_sample(ckpt):
 def test_sample_top_k_reaches_the_sampler(ckpt):
     """--top-k 1 makes every threshold proposal certain (probability 1 after the filter), so the text is the
     core's with top_k 1 whatever the random draws."""
-    from bd3_plugin.generate import SamplerConfig, generate
-    from bd3_plugin.noise import seeded_generators
+    from bd3_plugin.sampling.config import SamplerConfig
+    from bd3_plugin.sampling.generate import generate
+    from bd3_plugin.core.generators import seeded_generators
 
     r = bd3("sample", ckpt, "--prompt", "the cat", "--max-new-tokens", 9, "--algorithm", "threshold",
             "--top-k", 1, "--seed", 3, "--json")

@@ -1,6 +1,6 @@
 import pytest
 
-from bd3_plugin.config import BD3Config, ConfigError
+from bd3_plugin.core.config import BD3Config, ConfigError
 
 # config.json of kuleshov-group/bd3lm-owt-block_size4 (spec §1.5)
 RELEASED = {

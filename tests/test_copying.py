@@ -7,7 +7,7 @@ import pytest
 
 from bd3_plugin.tinyworld.copying import CopyConfig, CopySource, copy_corpus
 from bd3_plugin.tinyworld.data import (COPY_HELDOUT, COPY_HELDOUT_SEED, copy_stream_ids, read_copy_heldout,
-                                       write_copy_heldout)
+    write_copy_heldout)
 from bd3_plugin.tinyworld.grammar import EOS, build_tokenizer
 
 SMALL = CopyConfig(n_words=3, separator=("=",), alphabet=("a", "b", "c"))
@@ -141,7 +141,7 @@ def test_copy_gen_task_through_the_lm_eval_cli(tmp_path):
 
 
 def test_world_refuses_a_bad_threshold_in_one_line(capsys):
-    from bd3_plugin.cli import main
+    from bd3_plugin.cli.main import main
 
     assert main(["world", "--threshold", "2"]) == 2
     assert capsys.readouterr().err.strip() == "bd3 world: error: --threshold must lie in (0, 1], got 2.0"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from bd3_plugin.estimators import (Estimator, allocation, exact_passes, resolve, row_plan, subset_weights)
-from bd3_plugin.nelbo import nelbo_planned, nelbo_terms
-from bd3_plugin.noise import seeded_generators
-from bd3_plugin.scoring import score_documents
+from bd3_plugin.likelihood.estimators import Estimator, allocation, exact_passes, resolve, row_plan, subset_weights
+from bd3_plugin.likelihood.nelbo import nelbo_planned, nelbo_terms
+from bd3_plugin.core.generators import seeded_generators
+from bd3_plugin.likelihood.scoring import score_documents
 from helpers import ar_logprobs, assert_close, random_model, tiny_config
 
 INTERVALS = [(1e-3, 1.0), (0.0, 1.0), (0.3, 0.8), (0.0, 0.5), (0.5, 1.0), (0.2, 0.2), (1.0, 1.0)]

@@ -2,9 +2,12 @@
 import pytest
 import torch
 
-from bd3_plugin.generate import SamplerConfig, generate, greedy_completions
-from bd3_plugin.model import BD3LM, Clean
-from bd3_plugin.noise import seeded_generators
+from bd3_plugin.sampling.config import SamplerConfig
+
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.sampling.greedy_completion import greedy_completions
+from bd3_plugin.core.model import BD3LM, Clean
+from bd3_plugin.core.generators import seeded_generators
 from helpers import assert_close, naive_sample, random_model, tiny_config
 
 PROMPTS = [[], [3], [4, 5, 6], [7, 8, 9, 10, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9], list(range(13))]

@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from bd3_plugin.causal_scoring import CausalLMScorer, sliding_windows
-from bd3_plugin.checkpoint import load_checkpoint
-from bd3_plugin.cli import main
-from bd3_plugin.genppl import GenPPLConfig, draw_samples, rejected, sampler_config
-from bd3_plugin.scoring import content_seed
+from bd3_plugin.evals.causal_scoring import CausalLMScorer, sliding_windows
+from bd3_plugin.core.checkpoint import load_checkpoint
+from bd3_plugin.cli.main import main
+from bd3_plugin.evals.genppl import GenPPLConfig, draw_samples, rejected, sampler_config
+from bd3_plugin.likelihood.scoring import content_seed
 from bd3_plugin.tinyworld.data import checkpoint_path
 from bd3_plugin.tinyworld.grammar import EOS, Source, build_tokenizer
 
@@ -150,8 +150,8 @@ def test_rejected_draws_are_redrawn_and_the_kept_ones_pass():
     draws = draw_samples(ckpt.model, bos, sampler, cfg)
     assert sum(draws.tries) > 8, "the threshold should reject some draws; pick another seed"
     gen_cfg = dataclasses.replace(sampler, max_new_tokens=63, stop_at_eos=False)
-    from bd3_plugin.generate import generate
-    from bd3_plugin.noise import seeded_generators
+    from bd3_plugin.sampling.generate import generate
+    from bd3_plugin.core.generators import seeded_generators
 
     for i, (ids, tries) in enumerate(zip(draws.samples, draws.tries)):
         assert len(ids) == 64 and ids[0] == bos

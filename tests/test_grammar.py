@@ -4,7 +4,7 @@ import random
 import pytest
 
 from bd3_plugin.tinyworld.grammar import (EOS, Lexicon, Source, SourceConfig, build_tokenizer, corpus, doc_text,
-                                  text_words)
+    text_words)
 
 SMALL = SourceConfig(
     lexicon=Lexicon(nouns={"a": ("cow",), "b": ("ship",)}, topic_adjectives={"a": ("green",), "b": ("blue",)},

@@ -7,9 +7,9 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import CachingLM
 from lm_eval.api.registry import get_model
 
-from bd3_plugin.estimators import Estimator
-from bd3_plugin.lm_eval_adapter import BD3ArgsError, BD3EvalLM
-from bd3_plugin.scoring import report, score_documents
+from bd3_plugin.likelihood.estimators import Estimator
+from bd3_plugin.evals.lm_eval_adapter import BD3ArgsError, BD3EvalLM
+from bd3_plugin.likelihood.scoring import report, score_documents
 from bd3_plugin.tinyworld.grammar import Source, text_words
 from bd3_plugin.tinyworld.data import HELDOUT, checkpoint_path, read_heldout
 from helpers import ar_logprobs
@@ -169,7 +169,7 @@ def lm16():
 def test_the_default_estimator_plans_passes_within_the_budget(lm16, monkeypatch):
     """auto/16: the L' = 16 checkpoint's blocks are too large to enumerate, so each request gets a
     stratified plan of at most 16 passes, and the same request scores the same in any batch."""
-    import bd3_plugin.nelbo as nelbo
+    import bd3_plugin.likelihood.nelbo as nelbo
 
     assert lm16.args.scorer == Estimator() == Estimator("auto", 16)
     plans = []
@@ -185,7 +185,7 @@ def test_the_default_estimator_plans_passes_within_the_budget(lm16, monkeypatch)
 def test_choices_of_one_context_share_their_draws(lm16, monkeypatch):
     """Common random numbers: continuations of one context are masked alike, whatever their tokens; a
     different context draws anew. Identical choices score the same."""
-    import bd3_plugin.nelbo as nelbo
+    import bd3_plugin.likelihood.nelbo as nelbo
 
     a, b = "the old cow sleeps near a barn .", "a barn sleeps near the old cow ."  # of equal length
     assert len(lm16.tok_encode(" " + a)) == len(lm16.tok_encode(" " + b))

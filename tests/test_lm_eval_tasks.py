@@ -34,7 +34,7 @@ def test_local_tasks_build_from_the_bundled_data():
 def test_zeroshot_tasks_make_one_corpus_of_detokenised_documents():
     import datasets
 
-    from bd3_plugin.zeroshot import RECORD_SEPARATOR, ScoredLoglikelihood
+    from bd3_plugin.likelihood.zeroshot import RECORD_SEPARATOR, ScoredLoglikelihood
 
     cfg = load_yaml(TASKS / "bd3_zeroshot" / "bd3_zs_wikitext.yaml")
     split = datasets.Dataset.from_list([{"text": " = = Early life = = \n"}, {"text": ""},

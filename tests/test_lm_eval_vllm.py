@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from bd3_plugin.checkpoint import load_checkpoint
+from bd3_plugin.core.checkpoint import load_checkpoint
 from bd3_plugin.tinyworld.data import checkpoint_path
 from bd3_plugin.tinyworld.grammar import Source, text_words
 
 pytest.importorskip("vllm")
-from vllm_backend.validate import LOGLIKELIHOOD_HINT  # noqa: E402
+from vllm_backend.server.validate import LOGLIKELIHOOD_HINT  # noqa: E402
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bd3_plugin.masks import block_causal_mask, block_diff_mask, with_key_padding
+from bd3_plugin.core.masks import block_causal_mask, block_diff_mask, with_key_padding
 
 
 def naive_block_diff(n: int, size: int) -> torch.Tensor:

@@ -3,9 +3,9 @@ import itertools
 import numpy as np
 import torch
 
-from bd3_plugin.nelbo import (draw_noise, nelbo_samples, nelbo_terms, noisy_logits_per_block,
-                              noisy_logits_vectorized)
-from bd3_plugin.noise import seeded_generators
+from bd3_plugin.likelihood.nelbo import (draw_noise, nelbo_samples, nelbo_terms, noisy_logits_per_block,
+    noisy_logits_vectorized)
+from bd3_plugin.core.generators import seeded_generators
 from helpers import ar_logprobs, assert_close, random_model, tiny_config
 
 

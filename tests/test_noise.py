@@ -1,6 +1,7 @@
 import torch
 
-from bd3_plugin.noise import mask_tokens, sample_t, subs_log_probs
+from bd3_plugin.likelihood.noise import mask_tokens, sample_t
+from bd3_plugin.core.subs import subs_log_probs
 
 
 def test_antithetic_t_takes_one_stratum_each():

@@ -6,13 +6,15 @@ import sys
 import pytest
 import torch
 
-from bd3_plugin.checkpoint import load_checkpoint, save_checkpoint
-from bd3_plugin.generate import SamplerConfig, generate, greedy_completions
-from bd3_plugin.noise import seeded_generators
-from bd3_plugin.rl import (LengthBaseline, RLConfig, build_batch, clipped_surrogate, entropy_steps, exact_kl, greedy_rewards,
-                           group_advantages, update)
-from bd3_plugin.rl_engines import CoreEngine
-from bd3_plugin.trajectory_scoring import score_trajectory
+from bd3_plugin.core.checkpoint import load_checkpoint, save_checkpoint
+from bd3_plugin.sampling.config import SamplerConfig
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.sampling.greedy_completion import greedy_completions
+from bd3_plugin.core.generators import seeded_generators
+from bd3_plugin.rl.egspo import (LengthBaseline, RLConfig, build_batch, clipped_surrogate, entropy_steps, exact_kl,
+    greedy_rewards, group_advantages, update)
+from bd3_plugin.rl.engines import CoreEngine
+from bd3_plugin.rl.trajectory_scoring import score_trajectory
 from helpers import WORDS, random_model, tiny_config, word_tokenizer
 
 TARGET = WORDS.index("cat")
@@ -92,7 +94,8 @@ def test_loop_raises_the_reward_and_rollouts_replay_exactly(tmp_path):
     policy = _model()
     ref = copy.deepcopy(policy).requires_grad_(False)
     start = _rows(policy)
-    cfg = RLConfig(prompts=4, group=4, steps_per_rollout=4, lr=1e-2, kl_weight=0.01, inner_steps=2, chunk=8)
+    cfg = RLConfig(prompts=4, group=4, steps_per_rollout=4, lr=1e-2, kl_weight=0.01, inner_steps=2, chunk=8,
+                   step_weight=0.5)
     engine = CoreEngine(policy, SamplerConfig(max_new_tokens=8), eos_id=None)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     rewards, scored = [], 0
@@ -120,7 +123,7 @@ def test_loop_raises_the_reward_and_rollouts_replay_exactly(tmp_path):
 
 
 def bd3(*args):
-    return subprocess.run([sys.executable, "-m", "bd3_plugin.cli", "rl", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bd3_plugin.cli.main", "rl", *map(str, args)], capture_output=True,
                           text=True, timeout=300)
 
 
@@ -159,7 +162,7 @@ def test_vllm_engine_rollouts_replay_under_the_updated_weights(tmp_path):
     trainer's weights, must reproduce each iteration's rollout log-probs (iteration 2's came from the
     engine after its first update, so this also checks that the update landed)."""
     pytest.importorskip("vllm")
-    pytest.importorskip("vllm_backend.traces")  # the engine's trajectory helper
+    pytest.importorskip("vllm_backend.server.traces")  # the engine's trajectory helper
     out = tmp_path / "run"
     r = bd3("--engine", "vllm", "--iterations", 2, "--out", out, "--prompts", 2, "--group", 4,
             "--steps-per-rollout", 2, "--eval-every", 0, "--final-samples", 8, "--json")

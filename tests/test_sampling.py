@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bd3_plugin.sampling import (ddpm_greedy_count, ddpm_step, draw_tokens, first_hitting_choice, first_hitting_step,
-                                 greedy_positions, nucleus_filter, threshold_step, token_probs, top_k_filter)
+from bd3_plugin.sampling.samplers import (ddpm_greedy_count, ddpm_step, draw_tokens, first_hitting_choice,
+    first_hitting_step, greedy_positions, nucleus_filter, threshold_step, token_probs, top_k_filter)
 
 
 def naive_nucleus(p: list[float], top_p: float) -> list[float]:

@@ -1,6 +1,6 @@
 import torch
 
-from bd3_plugin.scoring import document_windows, report, score_documents, windows
+from bd3_plugin.likelihood.scoring import document_windows, report, score_documents, windows
 from helpers import ar_logprobs, random_model, tiny_config
 
 

@@ -3,16 +3,15 @@ import math
 
 import pytest
 
-from bd3_plugin.checkpoint import load_checkpoint
+from bd3_plugin.core.checkpoint import load_checkpoint
 import torch
 
-from bd3_plugin.scoring import score_documents
-from bd3_plugin.generate import SamplerConfig
+from bd3_plugin.likelihood.scoring import score_documents
+from bd3_plugin.sampling.config import SamplerConfig
 from bd3_plugin.tinyworld.copy_eval import solve
 from bd3_plugin.tinyworld.grammar import Source, build_tokenizer, text_words
 from bd3_plugin.tinyworld.data import (BLOCK_SIZES, COPY_BLOCK_SIZES, HELDOUT, bundled_checkpoints,
-                                       bundled_copy_checkpoints, checkpoint_path, copy_checkpoint_path,
-                                       read_copy_heldout, read_heldout)
+    bundled_copy_checkpoints, checkpoint_path, copy_checkpoint_path, read_copy_heldout, read_heldout)
 from bd3_plugin.tinyworld.report import sample_validity
 
 HELDOUT_DOCS = read_heldout(HELDOUT)

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from bd3_plugin.checkpoint import load_checkpoint
-from bd3_plugin.scoring import score_documents
+from bd3_plugin.core.checkpoint import load_checkpoint
+from bd3_plugin.likelihood.scoring import score_documents
 from bd3_plugin.tinyworld.grammar import build_tokenizer
 from bd3_plugin.tinyworld.data import stream_ids, training_docs
-from bd3_plugin.train import TrainConfig, Trainer, loss_fn, resampled_noise, rows_from_stream
+from bd3_plugin.training.trainer import TrainConfig, Trainer, loss_fn, resampled_noise, rows_from_stream
 
 TC = dict(block_size=4, model_length=32, hidden_dim=64, n_heads=2, n_blocks=2, cond_dim=16, batch_size=8,
           warmup=5, lr=3e-3, save_every=5)
@@ -70,7 +70,7 @@ def test_copy_source_rows_hold_whole_documents():
     """`--source copy`: each 128-token row is two documents, each from its leading EOS, over the grammar's
     tokenizer; the rows decode to documents the copy source gives probability."""
     from bd3_plugin.tinyworld.copying import CopySource
-    from bd3_plugin.train import training_data
+    from bd3_plugin.training.trainer import training_data
 
     rows, tok = training_data("synthetic", None, 128, 50, "copy")
     assert rows.shape == (25, 128) and len(tok) == len(build_tokenizer())
@@ -82,7 +82,7 @@ def test_copy_source_rows_hold_whole_documents():
 
 
 def test_bad_source_is_refused(tmp_path):
-    from bd3_plugin.train import training_data
+    from bd3_plugin.training.trainer import training_data
 
     with pytest.raises(ValueError, match="--source must be one of grammar, copy"):
         training_data("synthetic", None, 128, 10, "sorting")

@@ -4,14 +4,16 @@ import math
 import pytest
 import torch
 
-from bd3_plugin.generate import SamplerConfig, generate, greedy_completions
-from bd3_plugin.nelbo import nelbo_samples
-from bd3_plugin.noise import seeded_generators
-from bd3_plugin.sampling import ddpm_reveal_probability, token_probs
-from bd3_plugin.denoise import denoise_block
-from bd3_plugin.trajectory import BlockRecorder, Trajectory, TrajectoryBuilder
-from bd3_plugin.trajectory_scoring import (coupled_logprobs, mean_field_logprobs, score_trajectory,
-                                           shared_noise_nelbo)
+from bd3_plugin.sampling.config import SamplerConfig
+
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.sampling.greedy_completion import greedy_completions
+from bd3_plugin.likelihood.nelbo import nelbo_samples
+from bd3_plugin.core.generators import seeded_generators
+from bd3_plugin.sampling.samplers import ddpm_reveal_probability, token_probs
+from bd3_plugin.sampling.denoise import denoise_block
+from bd3_plugin.sampling.trajectory import BlockRecorder, Trajectory, TrajectoryBuilder
+from bd3_plugin.rl.trajectory_scoring import coupled_logprobs, mean_field_logprobs, score_trajectory, shared_noise_nelbo
 from helpers import ar_logprobs, assert_close, random_model, tiny_config
 
 # Prompts ending inside a block and on a block boundary; rows stop inside a block (11 tokens, L' = 4).

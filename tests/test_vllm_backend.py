@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bd3_plugin.checkpoint import load_checkpoint
-from bd3_plugin.generate import SamplerConfig, generate
-from bd3_plugin.noise import seeded_generators
+from bd3_plugin.core.checkpoint import load_checkpoint
+from bd3_plugin.sampling.config import SamplerConfig
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
-from vllm_backend.params import sampler_config
+from vllm_backend.worker.params import sampler_config
 
 WORKER = Path(__file__).with_name("vllm_parity_worker.py")
 TEXTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos>", "<eos> the wolf sees a fox . many owls sleep . the",
@@ -70,7 +71,7 @@ def test_block_split_attention_metadata():
     """Queries cut at absolute multiples of L': each piece sees the KV up to its own last token."""
     from vllm.v1.attention.backend import CommonAttentionMetadata
 
-    from vllm_backend.block_metadata import split_into_blocks
+    from vllm_backend.worker.block_metadata import split_into_blocks
 
     # Request 0: a prefill of positions 0..9; request 1: a block query at positions 12..15; request 2: 6..7.
     positions = torch.tensor(list(range(10)) + [12, 13, 14, 15] + [6, 7])
@@ -90,7 +91,7 @@ def test_block_split_attention_metadata():
 def test_plain_vllm_args_get_block_decoding(tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_backend.autoconfig import apply, bd3_block_size
+    from vllm_backend.registration.autoconfig import apply, bd3_block_size
 
     assert bd3_block_size(str(checkpoint_path(4))) == 4 and bd3_block_size(str(tmp_path)) is None
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mdlm", "model_length": 64}))
@@ -98,6 +99,6 @@ def test_plain_vllm_args_get_block_decoding(tmp_path):
     args = EngineArgs(model=str(checkpoint_path(4)))
     apply(args)
     assert args.speculative_config["num_speculative_tokens"] == 4 and args.enable_prefix_caching is False
-    assert args.worker_cls == "vllm_backend.cpu_worker.BD3CPUWorker" and args.dtype == "float32"
+    assert args.worker_cls == "vllm_backend.worker.cpu_worker.BD3CPUWorker" and args.dtype == "float32"
     with pytest.raises(ValueError, match="--enable-prefix-caching: not supported"):
         apply(EngineArgs(model=str(checkpoint_path(4)), enable_prefix_caching=True))

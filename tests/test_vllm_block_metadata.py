@@ -4,7 +4,7 @@ compared with the core's block-causal mask; and the scheduler's rounding of chun
 import pytest
 import torch
 
-from bd3_plugin.masks import block_causal_mask
+from bd3_plugin.core.masks import block_causal_mask
 
 
 # ---- the split metadata against FlashAttention/Triton varlen semantics -----------------------------
@@ -76,7 +76,7 @@ def _metadata(computed, scheduled, seq, table, with_host_seq_lens: bool):
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_split_metadata_gives_block_causal_attention_under_varlen_paged_semantics(block_size):
-    from vllm_backend.block_metadata import split_into_blocks
+    from vllm_backend.worker.block_metadata import split_into_blocks
 
     computed, scheduled, seq, table, k_cache, v_cache, keys, values, queries = _scenario(block_size)
     q = torch.cat(queries)
@@ -101,7 +101,7 @@ def test_split_metadata_gives_block_causal_attention_under_varlen_paged_semantic
 
 
 def test_split_metadata_fields_are_consistent_and_need_no_device_read():
-    from vllm_backend.block_metadata import split_into_blocks
+    from vllm_backend.worker.block_metadata import split_into_blocks
 
     computed, scheduled, seq, table, *_ = _scenario(4)
     from_host = split_into_blocks(_metadata(computed, scheduled, seq, table, with_host_seq_lens=True), 4)
@@ -121,7 +121,7 @@ def test_split_metadata_fields_are_consistent_and_need_no_device_read():
 def test_a_pass_over_some_blocks_attends_as_the_whole_step_does(block_size):
     """`take_blocks` keeps whole-block pieces of the split step: attention over just those blocks' queries
     (the further denoising passes) equals those rows of attention over the whole step."""
-    from vllm_backend.block_metadata import split_into_blocks, take_blocks
+    from vllm_backend.worker.block_metadata import split_into_blocks, take_blocks
 
     computed, scheduled, seq, table, k_cache, v_cache, keys, values, queries = _scenario(block_size)
     q = torch.cat(queries)
@@ -146,7 +146,7 @@ def test_a_pass_over_some_blocks_attends_as_the_whole_step_does(block_size):
 
 # ---- the scheduler's rounding to whole blocks ----------------------------------------------------------
 def test_whole_blocks_keeps_the_longest_chunk_that_ends_on_a_block_or_at_the_target():
-    from vllm_backend.engine import whole_blocks
+    from vllm_backend.worker.engine import whole_blocks
 
     size = 4
     for computed in range(0, 24, size):

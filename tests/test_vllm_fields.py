@@ -12,11 +12,12 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest  # noqa: E402
 from vllm.sampling_params import RepetitionDetectionParams, SamplingParams, StructuredOutputsParams  # noqa: E402
 
-from bd3_plugin import cli  # noqa: E402
+from bd3_plugin.cli.main import main as cli  # noqa: E402
 from bd3_plugin.tinyworld.data import checkpoint_path  # noqa: E402
-from vllm_backend import fields, hf_config, serve  # noqa: E402
-from vllm_backend.params import sampler_config  # noqa: E402
-from vllm_backend.validate import BD3RequestValidator, LOGLIKELIHOOD_HINT, check_params  # noqa: E402
+from vllm_backend.server import fields, serve  # noqa: E402
+from vllm_backend.registration import hf_config
+from vllm_backend.worker.params import sampler_config  # noqa: E402
+from vllm_backend.server.validate import BD3RequestValidator, LOGLIKELIHOOD_HINT, check_params  # noqa: E402
 
 README = Path(__file__).parents[1] / "vllm_backend" / "README.md"
 

@@ -20,15 +20,15 @@ import vllm.plugins
 vllm.plugins.load_general_plugins()
 from vllm import ModelRegistry
 from vllm.engine.arg_utils import EngineArgs
-import vllm_backend.autoconfig, vllm_backend.engine, vllm_backend.runner, vllm_backend.gpu_worker
-import vllm_backend.validate  # the logits-processor entry point, also loaded for every model
+import vllm_backend.registration.autoconfig, vllm_backend.worker.engine, vllm_backend.worker.runner, vllm_backend.worker.gpu_worker
+import vllm_backend.server.validate  # the logits-processor entry point, also loaded for every model
 config = EngineArgs(model=sys.argv[1], max_model_len=128).create_engine_config()  # the configuration path
 def state():
     same = [a is b for a, b in zip(before, (torch.cuda.Event, torch.cuda.Stream, torch.Tensor.pin_memory))]
     return {"cpu_modules": sorted(m for m in sys.modules if m.startswith("vllm.v1.worker.cpu")), "same": same}
 out = {"registered": "BD3LM" in ModelRegistry.get_supported_archs(), "worker": config.parallel_config.worker_cls,
        "after_config": state()}
-import vllm_backend.cpu_worker as cw  # what vLLM does in a CPU worker process, and only there
+import vllm_backend.worker.cpu_worker as cw  # what vLLM does in a CPU worker process, and only there
 out["after_cpu_worker"] = state()
 out["cpu_mro"] = [c.__name__ for c in cw.BD3CPUModelRunner.__mro__[:4]]
 print("RESULT " + json.dumps(out))
@@ -44,7 +44,7 @@ def _run(code: str, *args: str, timeout: int = 300, env: dict | None = None) -> 
 
 def test_plugin_registration_and_configuration_leave_torch_and_the_cpu_worker_alone():
     out = _run(HYGIENE, str(checkpoint_path(4)))
-    assert out["registered"] and out["worker"] == "vllm_backend.cpu_worker.BD3CPUWorker"
+    assert out["registered"] and out["worker"] == "vllm_backend.worker.cpu_worker.BD3CPUWorker"
     assert out["after_config"] == {"cpu_modules": [], "same": [True, True, True]}
     # The probe can see the damage: vLLM's CPU worker module patches all three on import.
     assert "vllm.v1.worker.cpu.shm" in out["after_cpu_worker"]["cpu_modules"]
@@ -61,9 +61,9 @@ def test_gpu_runner_is_the_mixin_over_vllms_v1_gpu_runner():
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
 
-    from vllm_backend.gpu_worker import BD3GPUModelRunner, BD3GPUWorker
-    from vllm_backend.runner import BD3RunnerMixin, BD3WorkerMixin
-    from vllm_backend.weights import BD3WeightSync
+    from vllm_backend.worker.gpu_worker import BD3GPUModelRunner, BD3GPUWorker
+    from vllm_backend.worker.runner import BD3RunnerMixin, BD3WorkerMixin
+    from vllm_backend.worker.weights import BD3WeightSync
 
     assert BD3GPUModelRunner.__mro__[1:3] == (BD3RunnerMixin, GPUModelRunner)
     assert BD3GPUWorker.__mro__[1:4] == (BD3WorkerMixin, BD3WeightSync, Worker)
@@ -75,7 +75,7 @@ def test_every_hook_the_mixin_overrides_exists_on_gpu_model_runner_with_the_same
     from vllm.v1.worker.gpu_worker import Worker
     from vllm.v1.worker.utils import AttentionGroup
 
-    from vllm_backend.runner import BD3RunnerMixin
+    from vllm_backend.worker.runner import BD3RunnerMixin
 
     own = {name: fn for name, fn in vars(BD3RunnerMixin).items() if inspect.isfunction(fn)}
     hooks = {name for name in own if hasattr(GPUModelRunner, name)}
@@ -111,7 +111,7 @@ def test_what_the_fused_block_step_reads_of_vllm_exists():
 def l4_config():
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_backend.plugin import register
+    from vllm_backend.registration.plugin import register
 
     register()
     return EngineArgs(model=str(checkpoint_path(4)), max_model_len=128).create_engine_config()
@@ -120,7 +120,7 @@ def l4_config():
 def test_gpu_worker_builds_the_bd3_runner_through_vllms_factory(l4_config, monkeypatch):
     import vllm.v1.worker.gpu_worker as gw
 
-    import vllm_backend.gpu_worker as ours
+    import vllm_backend.worker.gpu_worker as ours
 
     class StubRunner:
         def __init__(self, vllm_config, device):
@@ -158,11 +158,11 @@ def _args(**kw):
 @pytest.mark.parametrize("dtype, backend", [("auto", "TRITON_ATTN"), ("float32", "TRITON_ATTN"),
                                             ("bfloat16", "FLASH_ATTN"), ("float16", "FLASH_ATTN")])
 def test_cuda_gets_the_gpu_worker_and_a_backend_for_the_dtype(dtype, backend):
-    from vllm_backend.autoconfig import apply
+    from vllm_backend.registration.autoconfig import apply
 
     args = _args(dtype=dtype)
     apply(args, CUDA)
-    assert args.worker_cls == "vllm_backend.gpu_worker.BD3GPUWorker" and args.attention_backend == backend
+    assert args.worker_cls == "vllm_backend.worker.gpu_worker.BD3GPUWorker" and args.attention_backend == backend
     assert args.enforce_eager is True and args.enable_prefix_caching is False
     explicit = _args(dtype="bfloat16", attention_backend="TRITON_ATTN")
     apply(explicit, CUDA)
@@ -181,7 +181,7 @@ def test_cuda_gets_the_gpu_worker_and_a_backend_for_the_dtype(dtype, backend):
     (dict(enable_prefix_caching=True), "--enable-prefix-caching"),
 ])
 def test_cuda_refusals_are_one_line_naming_the_flag(kw, flag):
-    from vllm_backend.autoconfig import BD3ConfigError, apply
+    from vllm_backend.registration.autoconfig import BD3ConfigError, apply
 
     with pytest.raises(BD3ConfigError) as info:
         apply(_args(**kw), CUDA)
@@ -189,7 +189,7 @@ def test_cuda_refusals_are_one_line_naming_the_flag(kw, flag):
 
 
 def test_model_runner_v2_and_other_platforms_are_refused(monkeypatch):
-    from vllm_backend.autoconfig import BD3ConfigError, apply
+    from vllm_backend.registration.autoconfig import BD3ConfigError, apply
 
     rocm = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: False, device_name="rocm")
     with pytest.raises(BD3ConfigError, match="CPU and CUDA builds, not on rocm"):
@@ -200,11 +200,11 @@ def test_model_runner_v2_and_other_platforms_are_refused(monkeypatch):
 
 
 def test_the_cpu_platform_keeps_the_cpu_worker_and_its_backend():
-    from vllm_backend.autoconfig import BD3ConfigError, apply
+    from vllm_backend.registration.autoconfig import BD3ConfigError, apply
 
     args = _args()
     apply(args)  # vLLM's current platform: this CPU build
-    assert args.worker_cls == "vllm_backend.cpu_worker.BD3CPUWorker" and args.attention_backend is None
+    assert args.worker_cls == "vllm_backend.worker.cpu_worker.BD3CPUWorker" and args.attention_backend is None
     with pytest.raises(BD3ConfigError, match="--attention-backend TRITON_ATTN"):
         apply(_args(attention_backend="TRITON_ATTN"))
 
@@ -214,8 +214,8 @@ def test_the_cpu_platform_keeps_the_cpu_worker_and_its_backend():
 def test_budgets_that_cannot_hold_whole_blocks_are_refused_at_start_up(kw, flag):
     from vllm.usage.usage_lib import UsageContext
 
-    from vllm_backend.autoconfig import BD3ConfigError
-    from vllm_backend.plugin import register
+    from vllm_backend.registration.autoconfig import BD3ConfigError
+    from vllm_backend.registration.plugin import register
 
     register()
     with pytest.raises(BD3ConfigError, match=flag):

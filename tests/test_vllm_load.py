@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from bd3_plugin.checkpoint import load_checkpoint
-from bd3_plugin.generate import SamplerConfig, generate
-from bd3_plugin.noise import seeded_generators
+from bd3_plugin.core.checkpoint import load_checkpoint
+from bd3_plugin.sampling.config import SamplerConfig
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path, read_heldout, stream_ids
 
 WORKER = Path(__file__).with_name("vllm_load_worker.py")

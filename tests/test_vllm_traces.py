@@ -13,12 +13,13 @@ import pytest
 import requests
 import torch
 
-from bd3_plugin.checkpoint import load_checkpoint
-from bd3_plugin.generate import SamplerConfig, generate
-from bd3_plugin.noise import seeded_generators
+from bd3_plugin.core.checkpoint import load_checkpoint
+from bd3_plugin.sampling.config import SamplerConfig
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
-from bd3_plugin.trajectory import Trajectory
-from bd3_plugin.trajectory_scoring import score_trajectory
+from bd3_plugin.sampling.trajectory import Trajectory
+from bd3_plugin.rl.trajectory_scoring import score_trajectory
 from helpers import assert_close
 from servers import start, stop
 
@@ -169,7 +170,7 @@ def test_engine_in_its_own_processes_gives_the_same_trajectories(engine, ckpt):
 
 def test_engine_greedy_completions_resume_from_recorded_states(engine, ckpt):
     """EGSPO's x̂₀ as engine requests that resume from a partly revealed block, against the core's."""
-    from bd3_plugin.generate import greedy_completions
+    from bd3_plugin.sampling.greedy_completion import greedy_completions
 
     _, results = engine
     states = [(Trajectory.from_json(t), b, p) for t, b, p, _ in results["greedy"]]
@@ -180,8 +181,8 @@ def test_engine_greedy_completions_resume_from_recorded_states(engine, ckpt):
 
 def test_a_resume_block_outside_the_vocabulary_is_refused_in_the_front_end(monkeypatch):
     from vllm import SamplingParams
-    from vllm_backend import hf_config
-    from vllm_backend.validate import BD3RequestValidator
+    from vllm_backend.registration import hf_config
+    from vllm_backend.server.validate import BD3RequestValidator
 
     monkeypatch.setattr(hf_config, "ACTIVE_BLOCK_SIZE", None)
     monkeypatch.setattr(hf_config, "ACTIVE_VOCAB_SIZE", None)
@@ -197,7 +198,7 @@ def test_a_resume_block_outside_the_vocabulary_is_refused_in_the_front_end(monke
 def test_logprobs_modes_vllm_cannot_be_honoured_are_refused_at_start():
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_backend.autoconfig import BD3ConfigError, apply
+    from vllm_backend.registration.autoconfig import BD3ConfigError, apply
 
     for mode in ("raw_logits", "processed_logits", "bogus"):
         with pytest.raises(BD3ConfigError, match=rf"^--logprobs-mode {mode}: BD3 checkpoints return raw_logprobs"):

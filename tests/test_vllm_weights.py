@@ -14,10 +14,11 @@ import requests
 import torch
 from safetensors.torch import load_file, save_file
 
-from bd3_plugin.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_config, save_checkpoint
+from bd3_plugin.core.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_config, save_checkpoint
 from bd3_plugin.tinyworld.data import checkpoint_path
 from servers import start, stop
-from vllm_backend.weights import check_source, parse_update_request
+from vllm_backend.worker.weights import check_source
+from vllm_backend.server.weight_routes import parse_update_request
 
 WORKER = Path(__file__).with_name("vllm_weights_worker.py")
 PROMPTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos>"]
@@ -169,7 +170,8 @@ def served_tokens(base, prompts):
 
 @pytest.mark.slow
 def test_server_update_route(server, runs, ckpts):
-    from vllm_backend.weights import WeightUpdateError, server_weight_version, update_server_weights
+    from vllm_backend.worker.weights import WeightUpdateError
+    from vllm_backend.server.weight_routes import server_weight_version, update_server_weights
 
     fresh, updated = runs
     prompts = ckpts["prompts"]

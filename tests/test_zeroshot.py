@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bd3_plugin.checkpoint import load_checkpoint
-from bd3_plugin.scoring import document_windows
+from bd3_plugin.core.checkpoint import load_checkpoint
+from bd3_plugin.likelihood.scoring import document_windows
 from bd3_plugin.tinyworld.data import checkpoint_path, read_heldout
-from bd3_plugin.zeroshot import (RECORD_SEPARATOR, ScoredLoglikelihood, corpus_rows, join_records,
-                                 resolve_protocol, rolling_windows)
+from bd3_plugin.likelihood.zeroshot import (RECORD_SEPARATOR, ScoredLoglikelihood, corpus_rows, join_records,
+    resolve_protocol, rolling_windows)
 from helpers import word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_detokenisers_are_the_references_and_rewrite_nothing_else():
 
 
 def test_adapter_protocol_argument_is_checked():
-    from bd3_plugin.lm_eval_adapter import AdapterArgs, BD3ArgsError
+    from bd3_plugin.evals.lm_eval_adapter import AdapterArgs, BD3ArgsError
 
     assert AdapterArgs.parse({"pretrained": "x"}).protocol == "auto"
     with pytest.raises(BD3ArgsError, match="protocol must be one of"):
@@ -163,9 +163,9 @@ def test_rows_task_through_lm_eval_reports_the_exact_token_perplexity(tmp_path):
 def test_adapter_scores_a_corpus_in_rows_or_per_document():
     from lm_eval.api.instance import Instance
 
-    from bd3_plugin.lm_eval_adapter import BD3EvalLM
-    from bd3_plugin.scoring import score_windows
-    from bd3_plugin.zeroshot import row_windows
+    from bd3_plugin.evals.lm_eval_adapter import BD3EvalLM
+    from bd3_plugin.likelihood.scoring import score_windows
+    from bd3_plugin.likelihood.zeroshot import row_windows
 
     lm = BD3EvalLM(pretrained=str(checkpoint_path(4)), batch_size=8, mc_samples=2)
     records = [d.text + " <eos>" for d in read_heldout()[:40]]

@@ -18,8 +18,8 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_backend.engine import BD3Scheduler
-    from vllm_backend.runner import BD3RunnerMixin
+    from vllm_backend.worker.engine import BD3Scheduler
+    from vllm_backend.worker.runner import BD3RunnerMixin
 
     checkpoint, spec, out_path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     calls, steps = [], []

@@ -12,7 +12,7 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_backend.engine import BD3Scheduler
+    from vllm_backend.worker.engine import BD3Scheduler
 
     checkpoint, spec = sys.argv[1], json.loads(sys.argv[2])
     preempted = []

@@ -17,7 +17,7 @@ def _case(llm, prompts, case):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_backend.traces import generate_with_trajectories
+    from vllm_backend.server.traces import generate_with_trajectories
 
     params = SamplingParams(**case)
     trajectories = generate_with_trajectories(llm, prompts, params)
@@ -41,8 +41,8 @@ def _refusal(llm, prompts):
 
 def _greedy(llm, case_result):
     """Greedy one-step completions from every third recorded step of the first case's rollouts."""
-    from bd3_plugin.trajectory import Trajectory
-    from vllm_backend.traces import greedy_completions
+    from bd3_plugin.sampling.trajectory import Trajectory
+    from vllm_backend.server.traces import greedy_completions
 
     states = []
     for row in case_result["trajectories"]:

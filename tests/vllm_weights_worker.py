@@ -25,7 +25,7 @@ def _generate(llm, prompts):
 
 
 def _attempt(llm, source, version):
-    from vllm_backend.weights import update_weights
+    from vllm_backend.rollout import update_weights
 
     try:
         update_weights(llm, source, version)
@@ -46,7 +46,7 @@ def _source(spec, key):
 
 def _updates(llm, spec) -> dict:
     """Bad updates first (each must leave the engine as it was), then good ones, each labelled by its key."""
-    from vllm_backend.weights import weight_version
+    from vllm_backend.rollout import weight_version
 
     prompts, out = spec["prompts"], {"versions": [weight_version(llm)]}
     out["before"] = _generate(llm, prompts)

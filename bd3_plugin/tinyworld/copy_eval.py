@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..generate import SamplerConfig, generate
-from ..noise import seeded_generators
-from .copying import CopySource
-from .grammar import EOS
-from .data import CopyItem
+from bd3_plugin.sampling.config import SamplerConfig
+
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.core.generators import seeded_generators
+from bd3_plugin.tinyworld.copying import CopySource
+from bd3_plugin.tinyworld.grammar import EOS
+from bd3_plugin.tinyworld.data import CopyItem
 
 
 @dataclass(frozen=True)

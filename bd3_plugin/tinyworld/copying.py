@@ -19,7 +19,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from .grammar import DEFAULT_LEXICON, EOS
+from bd3_plugin.tinyworld.grammar import DEFAULT_LEXICON, EOS
 
 SEPARATOR = (".", "and")
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .grammar import EOS, Source, corpus, doc_text
+from bd3_plugin.tinyworld.grammar import EOS, Source, corpus, doc_text
 
 PACKAGE_DIR = Path(__file__).parent.parent  # bd3_plugin/
 CHECKPOINTS = PACKAGE_DIR / "checkpoints"
@@ -133,7 +133,7 @@ def copy_stream_ids(docs: list[list[str]], tokenizer) -> list[int]:
 
 def training_stream(source: str, n_docs: int, tokenizer) -> list[int]:
     """The token stream that `bd3 train --data synthetic --source SOURCE` wraps into rows."""
-    from .copying import copy_corpus
+    from bd3_plugin.tinyworld.copying import copy_corpus
 
     if source == "grammar":
         return stream_ids(training_docs(n_docs), tokenizer)
@@ -153,7 +153,7 @@ class CopyItem:
 
 
 def write_copy_heldout(path: Path, n_items: int, seed: int = COPY_HELDOUT_SEED) -> None:
-    from .copying import CopySource, copy_corpus
+    from bd3_plugin.tinyworld.copying import CopySource, copy_corpus
 
     source = CopySource()
     lines = []

@@ -7,15 +7,16 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint
-from ..generate import ALGORITHMS, SamplerConfig, generate
-from ..noise import seeded_generators
-from ..scoring import report, score_documents
-from .copy_eval import CopyScore, solve
-from .copying import CopySource
-from .grammar import EOS, Source
-from .data import (COPY_HELDOUT, HELDOUT, bundled_checkpoints, bundled_copy_checkpoints, read_copy_heldout,
-                   read_heldout, true_nll_per_token)
+from bd3_plugin.core.checkpoint import load_checkpoint
+from bd3_plugin.sampling.config import ALGORITHMS, SamplerConfig
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.core.generators import seeded_generators
+from bd3_plugin.likelihood.scoring import report, score_documents
+from bd3_plugin.tinyworld.copy_eval import CopyScore, solve
+from bd3_plugin.tinyworld.copying import CopySource
+from bd3_plugin.tinyworld.grammar import EOS, Source
+from bd3_plugin.tinyworld.data import (COPY_HELDOUT, HELDOUT, bundled_checkpoints, bundled_copy_checkpoints,
+    read_copy_heldout, read_heldout, true_nll_per_token)
 
 
 @dataclass(frozen=True)

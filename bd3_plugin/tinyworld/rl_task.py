@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generate import SamplerConfig, generate
-from ..model import BD3LM
-from ..noise import seeded_generators
-from ..scoring import report, score_documents
-from .data import HELDOUT, read_heldout, training_docs
-from .grammar import EOS, Source
+from bd3_plugin.sampling.config import SamplerConfig
+
+from bd3_plugin.sampling.generate import generate
+from bd3_plugin.core.model import BD3LM
+from bd3_plugin.core.generators import seeded_generators
+from bd3_plugin.likelihood.scoring import report, score_documents
+from bd3_plugin.tinyworld.data import HELDOUT, read_heldout, training_docs
+from bd3_plugin.tinyworld.grammar import EOS, Source
 
 PROMPT_WORDS = (0, 1, 2)  # prompt i holds the first PROMPT_WORDS[i % 3] words of its document
 
@@ -72,8 +74,8 @@ class SourceNelbo:
     documents at every call; it keeps the model a model of the language while the reward pulls it."""
 
     def __init__(self, model: BD3LM, tokenizer, rows: int, seed: int, n_docs: int = 4000) -> None:
-        from ..train import TrainConfig, rows_from_stream
-        from .data import stream_ids
+        from bd3_plugin.training.trainer import TrainConfig, rows_from_stream
+        from bd3_plugin.tinyworld.data import stream_ids
 
         self.model, self.rows = model, rows
         cfg = model.config
@@ -83,7 +85,7 @@ class SourceNelbo:
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self) -> torch.Tensor:
-        from ..train import loss_fn
+        from bd3_plugin.training.trainer import loss_fn
 
         x0 = self.data[torch.randint(len(self.data), (self.rows,), generator=self.gen)]  # (rows, L)
         return loss_fn(self.model, x0, self.gen, self.noise)

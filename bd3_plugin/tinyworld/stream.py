@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .grammar import EOS, Source
+from bd3_plugin.tinyworld.grammar import EOS, Source
 
 
 def stream_logprobs(source: Source, words: Sequence[str]) -> list[float | None]:

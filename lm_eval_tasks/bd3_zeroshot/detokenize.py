@@ -2,14 +2,14 @@
 
 The detokenisers apply the reference's rules (kuleshov-group/bd3lms, dataloader.py), in its order, to
 each document; AG News has none there and none here. Each task turns its split into one corpus: a single
-document holding the split's documents joined by bd3_plugin.zeroshot.RECORD_SEPARATOR, which the `bd3`
-model scores with the paper's protocol (rows of model_length tokens; see bd3_plugin/zeroshot.py).
+document holding the split's documents joined by bd3_plugin.likelihood.zeroshot.RECORD_SEPARATOR, which the `bd3`
+model scores with the paper's protocol (rows of model_length tokens; see bd3_plugin/likelihood/zeroshot.py).
 """
 import re
 
 import datasets
 
-from bd3_plugin.zeroshot import join_records
+from bd3_plugin.likelihood.zeroshot import join_records
 
 # Each rule is ("str", old, new) for a plain replacement or ("re", pattern, replacement).
 WIKITEXT = (

@@ -1,7 +1,7 @@
 import datasets
 
 from bd3_plugin.tinyworld.data import read_heldout
-from bd3_plugin.zeroshot import join_records
+from bd3_plugin.likelihood.zeroshot import join_records
 
 
 def load(**kwargs):

@@ -1,0 +1,38 @@
+"""`bd3 serve`: vLLM's OpenAI-compatible server for a BD3 checkpoint (vllm_backend.server.serve)."""
+from __future__ import annotations
+
+import argparse
+
+from bd3_plugin.cli.common import UsageError, checkpoint_arg, subparser
+
+
+def add_parser(sub) -> None:
+    p = subparser(sub, "serve", help="serve a checkpoint with vLLM's OpenAI-compatible server",
+                  usage="bd3 serve [CHECKPOINT] [--host H] [--port N] [--max-model-len M] "
+                        "[vllm serve arguments] [-- vllm serve arguments]")
+    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint folder (default: tiny-bd3-L4)")
+    p.add_argument("--host", default=None, help="default: 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default: 8000")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the model length")
+
+
+def parse_serve(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`bd3 serve` arguments: bd3's own options anywhere before `--`; every other argument, and everything
+    after `--`, goes to `vllm serve` unchanged, in order, once."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, unknown = parser.parse_known_args(argv[:cut])
+    args.vllm_args = unknown + argv[cut + 1 :]
+    return args
+
+
+def run(args) -> dict:
+    from bd3_plugin.core.checkpoint import resolve
+
+    checkpoint = str(resolve(checkpoint_arg(args)))
+    extra = args.vllm_args
+    try:
+        from vllm_backend.server.serve import exec_server
+    except ImportError as err:
+        raise UsageError(f"vLLM is not installed ({err}); install bd3-plugin[cpu] or bd3-plugin[gpu]") from None
+    exec_server(checkpoint, args.host, args.port, args.max_model_len, extra)
+    return {}

@@ -1,0 +1,211 @@
+"""One denoising step of each sampler, for one noisy block of a batch (spec §4).
+
+Pure functions: logits of the block in, the positions to reveal and their tokens out. A sampler whose
+positions do not depend on the logits (first-hitting at temperature > 0) chooses them before the pass
+(`first_hitting_choice`), so that the pass computes logits only where they are read. Each row draws
+only from its own generator and only while it still has masks, so a row's tokens never depend on what
+else is in the batch. Probabilities and Gumbel noise are float64 (the paper: fp32 noise lowers entropy).
+"""
+from __future__ import annotations
+
+import torch
+
+from bd3_plugin.core.subs import NEG_INF
+
+_TIE = 1e-6
+
+
+def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most probable tokens whose cumulative probability is ≤ top_p (the token that crosses
+    top_p is excluded, unlike Hugging Face's top-p), always at least the top one; renormalise."""
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = sorted_p.cumsum(dim=-1) <= top_p
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def top_k_filter(probs: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Keep exactly the `top_k` most probable tokens, ties at the k-th broken by the lowest token id;
+    renormalise. Off when top_k is None, ≤ 0 or ≥ V.
+
+    vLLM keeps every token tied with the k-th; keeping exactly k makes top_k = 1 the argmax (the lowest id
+    among ties), the token greedy decoding takes."""
+    if top_k is None or top_k <= 0 or top_k >= probs.shape[-1]:
+        return probs
+    # A stable descending sort keeps equal probabilities in id order, so the first k win the ties.
+    order = probs.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]  # (…, k)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, True)
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def token_probs(logits: torch.Tensor, mask_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                top_k: int | None = 0) -> torch.Tensor:
+    """p_θ(x_0) at masked positions (…, V) in float64: the mask is never predicted (SUBS).
+
+    The filters apply in vLLM's order: temperature, then top-k, then the nucleus over the renormalised
+    top-k distribution. Temperature 0 means greedy: its probabilities are those at temperature 1 with no
+    filter (used as confidences), as vLLM drops top-k and top-p from greedy requests; the argmax is the same
+    either way, and the confidences that order the reveals stay the model's own.
+    """
+    logits = logits.double().clone()
+    logits[..., mask_id] += NEG_INF
+    if temperature == 0:
+        return torch.softmax(logits, dim=-1)
+    return nucleus_filter(top_k_filter(torch.softmax(logits / temperature, dim=-1), top_k), top_p)
+
+
+def _row_draws(generators: list[torch.Generator], counts: list[int], width: int | None, device) -> torch.Tensor:
+    """Uniform float64 draws, `counts[r]` (× width) from row r's own generator, stacked in row order."""
+    shape = (lambda n: (n,)) if width is None else (lambda n: (n, width))
+    parts = [torch.rand(shape(n), generator=g, dtype=torch.float64, device=g.device)
+             for g, n in zip(generators, counts) if n]
+    if not parts:
+        return torch.zeros(shape(0), dtype=torch.float64, device=device)
+    return torch.cat(parts).to(device)
+
+
+def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
+    """One token per row of probs (n, V): argmax(p / E) with E = −log U ~ Exp(1) from float64 uniforms
+    (n, V), or argmax(p) when `uniforms` is None (greedy)."""
+    if uniforms is None:
+        return probs.argmax(dim=-1)
+    noise = 1e-10 - torch.log(uniforms + 1e-10)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _propose(logits: torch.Tensor, where: torch.Tensor, generators: list[torch.Generator], mask_id: int,
+             temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens drawn at the (B, L') positions `where` (row-major order) and their probabilities (n, V)."""
+    probs = token_probs(logits[where], mask_id, temperature, top_p, top_k)  # (n, V)
+    greedy = temperature == 0
+    uniforms = None if greedy else _row_draws(generators, where.sum(1).tolist(), probs.shape[-1], probs.device)
+    return draw_tokens(probs, uniforms), probs
+
+
+def greedy_positions(confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The greedy choice of positions, shared by every sampler at temperature 0 (and by the threshold
+    sampler's fallback): per row, the `count[r]` most confident masked positions, taken one at a time as
+    the most confident remaining position, the leftmost among ties.
+
+    Ties are judged with a tolerance: positions equal in exact arithmetic (an all-mask block with no
+    context) differ in the last bits between batch layouts, and the choice must not depend on the batch.
+    confidence (B, L') float64, masked (B, L') bool, count (B,) long -> reveal (B, L') bool.
+    """
+    reveal = torch.zeros_like(masked)
+    left = masked.clone()
+    for _ in range(int(count.max()) if count.numel() else 0):
+        want = left.any(dim=1) & (reveal.sum(dim=1) < count)  # (B,) rows still choosing
+        conf = torch.where(left, confidence, torch.full_like(confidence, -1.0))
+        best = left & (conf >= conf.max(dim=1, keepdim=True).values - _TIE)
+        best &= (best.long().cumsum(dim=1) == 1) & want[:, None]
+        reveal |= best
+        left &= ~best
+    return reveal
+
+
+def _proposals(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], mask_id: int,
+               temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A token proposed at every masked position and its probability: tokens (B, L'), confidence (B, L')
+    float64 (−1 where not masked), and the distributions (n_masked, V). Draws only at temperature > 0."""
+    proposal, probs = _propose(logits, masked, generators, mask_id, temperature, top_p, top_k)
+    confidence = torch.full(masked.shape, -1.0, dtype=torch.float64, device=masked.device)
+    confidence[masked] = probs.gather(-1, proposal[:, None]).squeeze(-1)
+    tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
+    tokens[masked] = proposal
+    return tokens, confidence, probs
+
+
+def _greedy_step(logits: torch.Tensor, masked: torch.Tensor, count: torch.Tensor, mask_id: int, top_p: float,
+                 top_k: int, with_probs: bool) -> tuple:
+    """Temperature 0: argmax tokens at the `count` most confident masked positions; no generator is used."""
+    tokens, confidence, probs = _proposals(logits, masked, [], mask_id, 0.0, top_p, top_k)
+    reveal = greedy_positions(confidence, masked, count)
+    return (reveal, tokens, masked, probs) if with_probs else (reveal, tokens)
+
+
+def first_hitting_choice(masked: torch.Tensor, generators: list[torch.Generator], temperature: float
+                         ) -> torch.Tensor:
+    """Before the pass: the slots whose logits first-hitting will read, (B, L') bool. The position does
+    not depend on the logits at temperature > 0 (Zheng et al.'s first-hitting time for α_t = 1 − t: the
+    next event reveals one token and which one is uniform), so it is drawn now, one uniform from the
+    generator of each row with masks, and the pass needs logits at that one slot. At temperature 0 the
+    position is the most confident one, so every masked slot is read."""
+    if temperature == 0:
+        return masked
+    count = masked.sum(dim=1)  # (B,)
+    live = count > 0
+    u = torch.zeros(masked.shape[0], dtype=torch.float64, device=masked.device)
+    u[live] = _row_draws(generators, live.long().tolist(), None, masked.device)
+    k = (u * count).floor().long()  # which masked slot, 0-based
+    rank = masked.long().cumsum(dim=1) - 1  # (B, L') rank of each masked slot
+    return masked & (rank == k[:, None])
+
+
+def first_hitting_step(logits: torch.Tensor, read: torch.Tensor, generators: list[torch.Generator], *,
+                       mask_id: int, temperature: float, top_p: float, top_k: int = 0, with_probs: bool = False
+                       ) -> tuple:
+    """After the pass: reveal one of the slots `first_hitting_choice` chose to read per row, with a token
+    from p_θ: at temperature > 0 the one drawn slot, at temperature 0 the greedy one (`greedy_positions`:
+    the most confident, leftmost among ties). Only the `read` slots of `logits` are used.
+
+    logits (B, L', V), read (B, L') -> reveal (B, L') bool, tokens (B, L'). Every step function, given
+    `with_probs=True`, also returns where it computed p_θ (B, L') and those distributions (n, V) row-major,
+    so that a trajectory recorder needs no second softmax.
+    """
+    if temperature == 0:
+        return _greedy_step(logits, read, read.any(dim=1).long(), mask_id, top_p, top_k, with_probs)
+    return _reveal_with_draws(logits, read, generators, mask_id, temperature, top_p, top_k, with_probs)
+
+
+def _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs) -> tuple:
+    tokens = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
+    tokens[reveal], probs = _propose(logits, reveal, generators, mask_id, temperature, top_p, top_k)
+    return (reveal, tokens, reveal, probs) if with_probs else (reveal, tokens)
+
+
+def ddpm_reveal_probability(t: float, s: float) -> float:
+    """Probability that a masked token is revealed going from t to s < t: (t − s)/t, and 1 at s = 0."""
+    return 1.0 if s <= 0 else (t - s) / t
+
+
+def ddpm_greedy_count(n_masked: torch.Tensor, t: float, s: float) -> torch.Tensor:
+    """How many positions the DDPM step reveals at temperature 0: the stochastic step's expected number of
+    reveals, n·(t − s)/t, rounded half up (all of them at s = 0). With the default grid (steps = L') a
+    block that starts fully masked reveals exactly one token per step, so greedy DDPM follows the same
+    schedule as its stochastic form in expectation. The 1e-9 keeps a half computed as 0.4999… in floating
+    point on the same side as an exact half."""
+    expected = n_masked.double() * ddpm_reveal_probability(t, s)
+    return torch.minimum(torch.floor(expected + 0.5 + 1e-9).long(), n_masked)
+
+
+def ddpm_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *, t: float,
+              s: float, mask_id: int, temperature: float, top_p: float, top_k: int = 0, with_probs: bool = False
+              ) -> tuple:
+    """Posterior step from t to s < t: a masked token stays masked with probability s/t, else it takes a
+    token from p_θ(x_0). At s = 0 every masked token is revealed. At temperature 0 the step reveals
+    `ddpm_greedy_count` positions chosen by `greedy_positions`, with argmax tokens."""
+    if temperature == 0:
+        return _greedy_step(logits, masked, ddpm_greedy_count(masked.sum(dim=1), t, s), mask_id, top_p, top_k,
+                            with_probs)
+    u = _row_draws(generators, masked.sum(dim=1).tolist(), None, masked.device)
+    reveal = torch.zeros_like(masked)
+    reveal[masked] = u < ddpm_reveal_probability(t, s)
+    return _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs)
+
+
+def threshold_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
+                   threshold: float, mask_id: int, temperature: float, top_p: float, top_k: int = 0,
+                   with_probs: bool = False) -> tuple:
+    """Confidence-threshold parallel decoding: propose a token at every masked position and reveal those
+    whose probability is ≥ threshold; when none is, reveal the single most confident one (the greedy
+    position). At temperature 0 the proposals are the argmax tokens, so the step is deterministic."""
+    tokens, confidence, probs = _proposals(logits, masked, generators, mask_id, temperature, top_p, top_k)
+    reveal = masked & (confidence >= threshold)
+    stuck = masked.any(dim=1) & ~reveal.any(dim=1)
+    reveal |= greedy_positions(confidence, masked, stuck.long())
+    return (reveal, tokens, masked, probs) if with_probs else (reveal, tokens)

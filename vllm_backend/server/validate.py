@@ -1,0 +1,175 @@
+"""Request validation for a BD3 server: a field the backend does not apply, or a bad sampler setting, is a
+400 that names it, never an ignored field or a broken step.
+
+- `BD3RequestValidator`, a `vllm.logits_processors` plugin: vLLM calls its `validate_params` on every
+  request in the front end (offline `LLM.generate` and the server alike). It acts only in a process that
+  serves a BD3 checkpoint.
+- `check_request`, an HTTP middleware (`--middleware vllm_backend.server.validate.check_request`, added by
+  `bd3 serve`): checks the request body before vLLM sees it, for streaming requests too (vLLM validates
+  those lazily, after the 200 has been sent), and refuses body fields that never reach SamplingParams.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from vllm.exceptions import VLLMClientError
+from vllm.v1.sample.logits_processor import LogitsProcessor
+
+from vllm_backend.server import fields
+from vllm_backend.registration import hf_config
+from vllm_backend.worker.params import RESUME_KEY, check_resume_block, sampler_config
+
+LOGLIKELIHOOD_HINT = ("lm_eval --model vllm cannot score log-likelihoods with a BD3 checkpoint (the vLLM "
+                      "backend computes no prompt logprobs); use --model bd3 for loglikelihood tasks")
+
+
+def check_params(params, block_size: int) -> None:
+    """ValueError naming the field when `params` (a SamplingParams) asks for something the backend does not do."""
+    refused = fields.refusal(params)
+    if refused is not None:
+        raise ValueError(refused[1])
+    sampler_config(params, block_size)
+
+
+def _under_lm_eval() -> bool:
+    return os.path.basename(sys.argv[0]) in ("lm_eval", "lm-eval")
+
+
+class BD3RequestValidator(LogitsProcessor):
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        if hf_config.ACTIVE_BLOCK_SIZE is None:
+            return
+        if getattr(sampling_params, "prompt_logprobs", None) is not None and _under_lm_eval():
+            # lm_eval's vllm model asks for prompt logprobs for every loglikelihood request; under its
+            # command line the run ends with one line that says what to use instead, not a traceback.
+            print(f"error: {LOGLIKELIHOOD_HINT}", file=sys.stderr)
+            raise SystemExit(2)
+        check_params(sampling_params, hf_config.ACTIVE_BLOCK_SIZE)
+        check_resume_block((sampling_params.extra_args or {}).get(RESUME_KEY), hf_config.ACTIVE_BLOCK_SIZE,
+                           hf_config.ACTIVE_VOCAB_SIZE)
+
+    def __init__(self, vllm_config, device, is_pin_memory) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update) -> None:
+        pass
+
+
+def _error(message: str, param: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}},
+                        status_code=400)
+
+
+_ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+
+
+async def check_request(request, call_next):
+    route = _ROUTES.get(request.url.path)
+    vllm_config = getattr(request.app.state, "vllm_config", None)
+    if request.method != "POST" or route is None or vllm_config is None or not _is_bd3(vllm_config):
+        return await call_next(request)
+    if not _authenticated(request):
+        return await call_next(request)  # vLLM's authentication, further in, answers 401 first
+    try:
+        body = json.loads(await request.body() or b"{}")
+        parsed = _request_model(route).model_validate(body)
+    except (ValueError, VLLMClientError):
+        return await call_next(request)  # malformed JSON or fields: vLLM answers with its own 400
+    try:
+        refused = fields.body_refusal(parsed)
+        if refused is not None:
+            return _error(refused[1], refused[0])
+        params = parsed.to_sampling_params(_max_tokens(parsed), _defaults(request.app.state))
+        refused = fields.refusal(params)
+        if refused is not None:
+            return _error(refused[1], refused[0])
+        hf = vllm_config.model_config.hf_config
+        sampler_config(params, hf.block_size)
+        check_resume_block((params.extra_args or {}).get(RESUME_KEY), hf.block_size, hf.vocab_size)
+        if route == "completion" and parsed.stream:
+            _check_lengths(request.app.state, body, vllm_config.model_config.max_model_len)
+    except (ValueError, TypeError, VLLMClientError) as err:  # vLLM's own checks of SamplingParams included
+        return _error(str(err), getattr(err, "parameter", None))
+    return await call_next(request)
+
+
+def _is_bd3(vllm_config) -> bool:
+    return getattr(vllm_config.model_config.hf_config, "model_type", None) in ("bd3lm", "mdlm")
+
+
+def _request_model(route: str):
+    if route == "completion":
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        return CompletionRequest
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest
+
+
+def _max_tokens(parsed) -> int:
+    """The budget the request names (only its sign matters for validation; vLLM checks the length)."""
+    n = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+    return n if isinstance(n, int) and n > 0 else 1
+
+
+def _defaults(state) -> dict:
+    """The server's default sampling parameters (from the model's generation config), as vLLM applies them."""
+    defaults = getattr(state, "_bd3_sampling_defaults", None)
+    if defaults is None:
+        defaults = state.vllm_config.model_config.get_diff_sampling_param()
+        state._bd3_sampling_defaults = defaults
+    return defaults
+
+
+def _authenticated(request) -> bool:
+    """Whether vLLM's AuthenticationMiddleware (if the server has one) will let this request through.
+    User middleware wraps vLLM's, so this runs first; an unauthenticated request must get vLLM's 401, not
+    a 400 that reveals how the server validates requests."""
+    state = request.app.state
+    guard = getattr(state, "_bd3_auth", False)
+    if guard is False:
+        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+        guard = None
+        for m in request.app.user_middleware:
+            if m.cls is AuthenticationMiddleware:
+                guard = AuthenticationMiddleware(None, *m.args, **m.kwargs)
+        state._bd3_auth = guard
+    return guard is None or guard.verify_token(request.headers)
+
+
+def _check_lengths(state, body: dict, max_model_len: int) -> None:
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        n = len(prompt)
+    elif isinstance(prompt, str):
+        n = len(_tokenizer(state).encode(prompt, add_special_tokens=False))
+    else:
+        return  # batched prompts: vLLM checks each itself
+    max_tokens = body.get("max_tokens") or 0
+    if n >= max_model_len or n + max_tokens > max_model_len:
+        raise ValueError(f"This model's maximum context length is {max_model_len} tokens; the prompt has {n} "
+                         f"tokens and max_tokens is {max_tokens}")
+
+
+def _tokenizer(state):
+    tok = getattr(state, "_bd3_tokenizer", None)
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(state.vllm_config.model_config.tokenizer)
+        state._bd3_tokenizer = tok
+    return tok
