@@ -13,7 +13,7 @@ import time
 import torch
 from lm_eval.api.instance import Instance
 
-from bd3_plugin.likelihood.estimators import resolve
+from bd3_plugin.likelihood.estimators import choose_estimator
 from bd3_plugin.evals.lm_eval_adapter import BD3EvalLM
 from bd3_plugin.tinyworld.data import checkpoint_path, mc_pairs, read_heldout
 
@@ -44,7 +44,7 @@ def main() -> None:
     naive = BD3EvalLM(**common, batch_size=1)
     print(f"# {platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {args.device}, checkpoint tiny-bd3-L{args.block_size}, {len(reqs)} requests, "
-          f"estimator {resolve(args.estimator, args.passes, args.mc_samples)}, {args.shape}")
+          f"estimator {choose_estimator(args.estimator, args.passes, args.mc_samples)}, {args.shape}")
     batched.loglikelihood(reqs[:8], disable_tqdm=True)  # warm-up
 
     start = time.perf_counter()

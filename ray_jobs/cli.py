@@ -40,22 +40,26 @@ def known_tasks(groups: list[list[str]]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from bd3_plugin.tinyworld.data import bundled_checkpoints
 
-    p = argparse.ArgumentParser(prog="bd3-sweep", description=__doc__.split("\n\n")[0])
+    from bd3_plugin.cli.common import DefaultsFormatter
+
+    # Abbreviations refused: a prefix of one option is never taken for another.
+    p = argparse.ArgumentParser(prog="bd3-sweep", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=DefaultsFormatter)
     # The default tasks are the grammar's, so the default checkpoints are those trained on it (the copy
     # task's checkpoints have their own task, copy_gen).
     p.add_argument("--checkpoints", nargs="+", default=[str(c) for c in bundled_checkpoints()],
                    help="checkpoint folders, globs or hub ids (default: the bundled grammar checkpoints, "
                         "L' = 1, 4, 16, 128)")
-    p.add_argument("--tasks", nargs="+", default=["synthetic_ppl", "synthetic_mc"], help="task groups")
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    p.add_argument("--tasks", nargs="+", default=["synthetic_ppl", "synthetic_mc"], help="task groups (lm_eval_tasks/)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="folder of the results, table and plot")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--gpus-per-unit", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--model-args", default="",
                    help="extra --model_args for `bd3`, e.g. passes=32 or estimator=mc,passes=4 (default: the "
                         "adapter's estimator, auto with 16 passes)")
-    p.add_argument("--limit", type=int, default=None, help="documents per task (quick runs)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="documents per task, for quick runs (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size of a unit")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a unit whose worker died")
     p.add_argument("--json", action="store_true", help="print the merged table as JSON")
     return p

@@ -15,12 +15,12 @@ PLOT_METRICS = {"word_perplexity": "true_word_perplexity"}
 
 def _estimator(model_args: str) -> str:
     """The likelihood estimator the unit's model args select, as name/passes (e.g. auto/16, mc/4)."""
-    from bd3_plugin.likelihood.estimators import resolve
+    from bd3_plugin.likelihood.estimators import choose_estimator
 
     args = dict(part.split("=", 1) for part in model_args.split(",") if "=" in part)
     ints = {k: int(args[k]) if args.get(k, "").strip().isdigit() else None for k in ("passes", "mc_samples")}
     try:
-        return str(resolve(args.get("estimator"), ints["passes"], ints["mc_samples"]))
+        return str(choose_estimator(args.get("estimator"), ints["passes"], ints["mc_samples"]))
     except ValueError:
         return "invalid"
 

@@ -44,9 +44,9 @@ def metrics_of(results: dict) -> list[dict]:
 def evaluate(unit: Unit, device: str) -> dict:
     import lm_eval
 
-    from bd3_plugin.core.checkpoint import read_config, resolve
+    from bd3_plugin.core.checkpoint import read_config, checkpoint_folder
 
-    cfg = read_config(resolve(unit.checkpoint))  # a clear error for a missing or non-BD3 checkpoint
+    cfg = read_config(checkpoint_folder(unit.checkpoint))  # a clear error for a missing or non-BD3 checkpoint
     args = f"pretrained={unit.checkpoint}" + (f",{unit.model_args}" if unit.model_args else "")
     results = lm_eval.simple_evaluate(model="bd3", model_args=args, tasks=list(unit.tasks), limit=unit.limit,
                                       batch_size=unit.batch_size, device=device,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from bd3_plugin.likelihood.estimators import Estimator, allocation, exact_passes, resolve, row_plan, subset_weights
+from bd3_plugin.likelihood.estimators import Estimator, allocation, exact_passes, choose_estimator, row_plan, subset_weights
 from bd3_plugin.likelihood.nelbo import nelbo_planned, nelbo_terms
 from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.likelihood.scoring import score_documents
@@ -169,10 +169,10 @@ def test_bad_estimator_settings():
     with pytest.raises(ValueError, match="passes must be a positive integer, got 0"):
         Estimator("auto", 0)
     with pytest.raises(ValueError, match="mc_samples applies to the mc estimator only"):
-        resolve("stratified", None, 4)
+        choose_estimator("stratified", None, 4)
     with pytest.raises(ValueError, match="disagree"):
-        resolve(None, 8, 4)
-    assert resolve(None, None, 4) == Estimator("mc", 4) and resolve("mc", 4, 4) == Estimator("mc", 4)
-    assert resolve(None, None, None) == Estimator()
+        choose_estimator(None, 8, 4)
+    assert choose_estimator(None, None, 4) == Estimator("mc", 4) and choose_estimator("mc", 4, 4) == Estimator("mc", 4)
+    assert choose_estimator(None, None, None) == Estimator()
     with pytest.raises(ValueError, match="t-interval"):
         subset_weights(3, 0.5, 0.2)

@@ -92,7 +92,8 @@ def test_first_hitting_reveals_one_uniform_position():
     counts = torch.zeros(4)
     for _ in range(3000):
         read = first_hitting_choice(masked, gens, 1.0)
-        reveal, tokens = first_hitting_step(logits, read, gens, mask_id=8, temperature=1.0, top_p=1.0)
+        step = first_hitting_step(logits, read, gens, mask_id=8, temperature=1.0, top_p=1.0)
+        reveal, tokens = step.reveal, step.tokens
         assert torch.equal(reveal, read) and reveal[0].sum() == 1
         assert not reveal[1].any() and not (reveal & ~masked).any()
         assert (tokens[reveal] != 8).all()
@@ -104,10 +105,11 @@ def test_ddpm_step_reveal_rate_and_final_step():
     logits = torch.randn(1, 16, 9, generator=torch.Generator().manual_seed(5))
     masked = torch.ones(1, 16, dtype=torch.bool)
     gen = [torch.Generator().manual_seed(6)]
-    rate = sum(ddpm_step(logits, masked, gen, t=0.8, s=0.6, mask_id=8, temperature=1.0, top_p=1.0)[0].sum().item()
+    rate = sum(ddpm_step(logits, masked, gen, t=0.8, s=0.6, mask_id=8, temperature=1.0, top_p=1.0).reveal.sum().item()
                for _ in range(500)) / (500 * 16)
     assert abs(rate - 0.25) < 0.02
-    reveal, tokens = ddpm_step(logits, masked, gen, t=0.1, s=0.0, mask_id=8, temperature=1.0, top_p=1.0)
+    step = ddpm_step(logits, masked, gen, t=0.1, s=0.0, mask_id=8, temperature=1.0, top_p=1.0)
+    reveal, tokens = step.reveal, step.tokens
     assert reveal.all() and (tokens != 8).all()
 
 
@@ -117,7 +119,8 @@ def test_threshold_step():
     logits[1, 1, 1] = 1.0
     masked = torch.ones(2, 4, dtype=torch.bool)
     gens = [torch.Generator().manual_seed(7)] * 2
-    reveal, tokens = threshold_step(logits, masked, gens, threshold=0.9, mask_id=5, temperature=0.0, top_p=1.0)
+    step = threshold_step(logits, masked, gens, threshold=0.9, mask_id=5, temperature=0.0, top_p=1.0)
+    reveal, tokens = step.reveal, step.tokens
     assert reveal[0].tolist() == [True, False, True, False] and tokens[0, 0] == 2 and tokens[0, 2] == 3
     assert reveal[1].tolist() == [False, True, False, False] and tokens[1, 1] == 1  # the most confident one
 
@@ -171,14 +174,15 @@ def test_temperature_zero_steps_are_greedy_and_draw_nothing(algorithm):
     if algorithm == "first_hitting":
         read = first_hitting_choice(masked, gens, 0.0)
         assert torch.equal(read, masked)  # the greedy position depends on the logits: read every mask
-        reveal, tokens = first_hitting_step(logits, read, gens, **kw)
+        step = first_hitting_step(logits, read, gens, **kw)
         count = [1, 1, 0]
     elif algorithm == "ddpm":
-        reveal, tokens = ddpm_step(logits, masked, gens, t=0.5, s=0.25, **kw)
+        step = ddpm_step(logits, masked, gens, t=0.5, s=0.25, **kw)
         count = [3, 2, 0]  # 6·½ = 3, 3·½ = 1.5 rounds up to 2
     else:
-        reveal, tokens = threshold_step(logits, masked, gens, threshold=1.0, **kw)
+        step = threshold_step(logits, masked, gens, threshold=1.0, **kw)
         count = [1, 1, 0]  # nothing reaches probability 1: the fallback
+    reveal, tokens = step.reveal, step.tokens
     assert all(torch.equal(g.get_state(), st) for g, st in zip(gens, states))
     probs = token_probs(logits, 8, 0.0, 1.0)
     conf, best = probs.max(-1)
@@ -190,10 +194,12 @@ def test_temperature_zero_steps_are_greedy_and_draw_nothing(algorithm):
 
 def _step(algorithm, logits, masked, gens, **kw):
     if algorithm == "first_hitting":
-        return first_hitting_step(logits, first_hitting_choice(masked, gens, kw["temperature"]), gens, **kw)
-    if algorithm == "ddpm":
-        return ddpm_step(logits, masked, gens, t=0.6, s=0.2, **kw)
-    return threshold_step(logits, masked, gens, threshold=0.5, **kw)
+        step = first_hitting_step(logits, first_hitting_choice(masked, gens, kw["temperature"]), gens, **kw)
+    elif algorithm == "ddpm":
+        step = ddpm_step(logits, masked, gens, t=0.6, s=0.2, **kw)
+    else:
+        step = threshold_step(logits, masked, gens, threshold=0.5, **kw)
+    return step.reveal, step.tokens
 
 
 @pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])

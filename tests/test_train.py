@@ -70,7 +70,7 @@ def test_copy_source_rows_hold_whole_documents():
     """`--source copy`: each 128-token row is two documents, each from its leading EOS, over the grammar's
     tokenizer; the rows decode to documents the copy source gives probability."""
     from bd3_plugin.tinyworld.copying import CopySource
-    from bd3_plugin.training.trainer import training_data
+    from bd3_plugin.cli.train import training_data
 
     rows, tok = training_data("synthetic", None, 128, 50, "copy")
     assert rows.shape == (25, 128) and len(tok) == len(build_tokenizer())
@@ -82,7 +82,7 @@ def test_copy_source_rows_hold_whole_documents():
 
 
 def test_bad_source_is_refused(tmp_path):
-    from bd3_plugin.training.trainer import training_data
+    from bd3_plugin.cli.train import training_data
 
     with pytest.raises(ValueError, match="--source must be one of grammar, copy"):
         training_data("synthetic", None, 128, 10, "sorting")

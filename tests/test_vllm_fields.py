@@ -12,7 +12,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest  # noqa: E402
 from vllm.sampling_params import RepetitionDetectionParams, SamplingParams, StructuredOutputsParams  # noqa: E402
 
-from bd3_plugin.cli.main import main as cli  # noqa: E402
+from bd3_plugin.cli import main as cli  # noqa: E402
 from bd3_plugin.tinyworld.data import checkpoint_path  # noqa: E402
 from vllm_backend.server import fields, serve  # noqa: E402
 from vllm_backend.registration import hf_config

@@ -50,7 +50,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or action.required:
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "default" in text or unset or action.required:
             return text
         if not action.option_strings:
             return text

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from bd3_plugin.cli.common import UsageError, add_checkpoint, load, subparser, user_input
-from bd3_plugin.sampling.config import ALGORITHMS
+from bd3_plugin.sampling.registry import sampler_names
 
 
 def add_parser(sub) -> None:
@@ -17,15 +17,16 @@ def add_parser(sub) -> None:
                    help="causal LM (name or folder; the paper uses gpt2-large) or 'source' (the tiny world's "
                         "exact source)")
     g.add_argument("--preset", choices=("paper",), default=None,
-                   help="the paper's sampler settings: first-hitting, top-p 0.9, DDPM with 5000 steps")
+                   help="the paper's sampler settings: first-hitting, top-p 0.9, DDPM with 5000 steps (default: none)")
     g.add_argument("--num-samples", type=int, default=300)
     g.add_argument("--length", type=int, default=None, help="tokens per sample, BOS included (default: the "
                                                             "model length)")
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--algorithm", choices=ALGORITHMS, default=None)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--steps", type=int, default=None, help="DDPM steps per block")
+    g.add_argument("--algorithm", choices=sampler_names(), default=None,
+                   help="sampler (default: the preset's, else first_hitting)")
+    g.add_argument("--temperature", type=float, default=None, help="default: the preset's, else 1.0")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus mass kept (default: the preset's, else 1.0)")
+    g.add_argument("--steps", type=int, default=None, help="DDPM steps per block (default: the preset's, else the block size)")
     g.add_argument("--entropy-threshold", type=float, default=4.0,
                    help="reject a sample whose last --entropy-window tokens have a lower unigram entropy "
                         "(nats; 0: off)")
@@ -35,8 +36,8 @@ def add_parser(sub) -> None:
                                                             "its context)")
     g.add_argument("--scorer-device", default="cpu")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--samples-out", type=Path, help="write each sample's text and score as JSON lines")
-    g.add_argument("--json", action="store_true")
+    g.add_argument("--samples-out", type=Path, help="write each sample's text and score as JSON lines (default: not written)")
+    g.add_argument("--json", action="store_true", help="print JSON")
 
 
 def run(args) -> dict:

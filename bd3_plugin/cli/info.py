@@ -11,9 +11,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> dict:
-    from bd3_plugin.core.checkpoint import read_config, resolve
+    from bd3_plugin.core.checkpoint import read_config, checkpoint_folder
 
-    folder = resolve(checkpoint_arg(args))
+    folder = checkpoint_folder(checkpoint_arg(args))
     cfg = read_config(folder)
     files = sorted(p.name for p in folder.iterdir())
     info = {"path": str(folder), **cfg.to_dict(), "mask_id": cfg.mask_id, "head_dim": cfg.head_dim, "files": files}

@@ -27,12 +27,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> dict:
-    from bd3_plugin.likelihood.estimators import check_fits, resolve
+    from bd3_plugin.likelihood.estimators import check_fits, choose_estimator
     from bd3_plugin.likelihood.scoring import eval_interval, report, score_documents
     from bd3_plugin.tinyworld.data import HELDOUT, read_heldout, true_nll_per_token
 
     with user_input():
-        estimator = resolve(args.estimator, args.passes, args.mc_samples)
+        estimator = choose_estimator(args.estimator, args.passes, args.mc_samples)
     truth = None
     if args.text_file is None:
         heldout = read_heldout(HELDOUT)

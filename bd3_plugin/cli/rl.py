@@ -82,9 +82,10 @@ def _check_vocabulary(tokenizer) -> None:
 
 
 def _rollout_stats(trajs, reward) -> dict:
-    docs = [tuple(reward.words(t.prompt, t.output)) for t in trajs]
-    return {"validity": sum(finished(t) and reward.source.is_valid(list(d)) for t, d in zip(trajs, docs))
-            / len(trajs), "mean_length": sum(map(len, docs)) / len(docs), "distinct": len(set(docs)) / len(docs)}
+    from bd3_plugin.tinyworld.validity import document_stats
+
+    stats = document_stats(reward.source, [reward.words(t.prompt, t.output) for t in trajs], list(map(finished, trajs)))
+    return {"validity": stats.validity, "mean_length": stats.mean_length, "distinct": stats.distinct}
 
 
 @dataclass

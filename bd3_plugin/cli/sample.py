@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from bd3_plugin.cli.common import UsageError, add_checkpoint, load, subparser, user_input
-from bd3_plugin.sampling.config import ALGORITHMS
+from bd3_plugin.sampling.registry import sampler_names
 
 
 def add_parser(sub) -> None:
@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
     add_checkpoint(p)
     p.add_argument("--prompt", default="", help="text to continue (default: empty)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
-    p.add_argument("--algorithm", choices=ALGORITHMS, default="first_hitting", help="sampler")
+    p.add_argument("--algorithm", choices=sampler_names(), default="first_hitting", help="sampler")
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy and deterministic")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass kept")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most probable tokens (0: all)")

@@ -26,9 +26,9 @@ def parse_serve(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
 
 
 def run(args) -> dict:
-    from bd3_plugin.core.checkpoint import resolve
+    from bd3_plugin.core.checkpoint import checkpoint_folder
 
-    checkpoint = str(resolve(checkpoint_arg(args)))
+    checkpoint = str(checkpoint_folder(checkpoint_arg(args)))
     extra = args.vllm_args
     try:
         from vllm_backend.server.serve import exec_server

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     p.add_argument("--block-size", required=True, type=int, help="the block size L'")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a text file")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer folder (for a text file; required with one)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder, required with a text file (default: none)")
     p.add_argument("--source", default="grammar", choices=SOURCES,
                    help="synthetic source (with --data synthetic): the grammar or the copy task")
     p.add_argument("--n-docs", type=int, default=30000, help="synthetic training documents")

@@ -23,7 +23,7 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded as written; the message names every problem."""
 
 
-def resolve(name_or_path: str | Path) -> Path:
+def checkpoint_folder(name_or_path: str | Path) -> Path:
     """A local checkpoint folder, or a Hugging Face hub id downloaded to the local cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -68,7 +68,7 @@ def load_model(name_or_path: str | Path, *, device: str | torch.device = "cpu",
     """Build the model from config.json and load model.safetensors strictly."""
     from safetensors.torch import load_file
 
-    folder = resolve(name_or_path)
+    folder = checkpoint_folder(name_or_path)
     cfg = config or read_config(folder)
     weights = folder / WEIGHTS
     if not weights.is_file():
@@ -136,10 +136,10 @@ class Checkpoint:
 
 def load_checkpoint(name_or_path: str | Path, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> Checkpoint:
-    folder = resolve(name_or_path)
+    folder = checkpoint_folder(name_or_path)
     model = load_model(folder, device=device, dtype=dtype)
     return Checkpoint(folder, model, load_tokenizer(folder, model.config))
 
 
 __all__ = ["Checkpoint", "CheckpointError", "ConfigError", "check_state_dict", "load_checkpoint", "load_model",
-           "load_tokenizer", "read_config", "resolve", "save_checkpoint"]
+           "load_tokenizer", "read_config", "checkpoint_folder", "save_checkpoint"]

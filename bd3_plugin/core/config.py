@@ -102,6 +102,11 @@ class BD3Config:
                 kwargs[key] = float(kwargs[key])
         return cls(**kwargs)
 
+    @staticmethod
+    def describes(raw: dict[str, Any]) -> bool:
+        """Whether a parsed config.json is a BD3-LM's (bd3lm or mdlm), valid or not."""
+        return isinstance(raw, dict) and raw.get("model_type") in _MODEL_TYPES
+
     @classmethod
     def from_json(cls, path: str | Path) -> "BD3Config":
         path = Path(path)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from bd3_plugin.evals.causal_scoring import CausalLMScorer, SampleScore
 from bd3_plugin.sampling.config import SamplerConfig
+from bd3_plugin.sampling.registry import SAMPLERS
 from bd3_plugin.sampling.generate import generate, unigram_entropy
 from bd3_plugin.core.model import BD3LM
 from bd3_plugin.core.generators import seeded_generators
@@ -52,8 +53,9 @@ def sampler_config(preset: str | None = None, **overrides) -> SamplerConfig:
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     settings = dict(PRESETS.get(preset, {}))
-    if settings.get("algorithm") != "ddpm" and overrides.get("algorithm") != "ddpm":
-        settings.pop("steps", None)  # only DDPM has a step count
+    names = (settings.get("algorithm"), overrides.get("algorithm"))
+    if not any(name in SAMPLERS and SAMPLERS[name].uses_grid for name in names):
+        settings.pop("steps", None)  # only a sampler that steps on a grid (DDPM) has a step count
     settings |= {k: v for k, v in overrides.items() if v is not None}
     return SamplerConfig(**settings)
 

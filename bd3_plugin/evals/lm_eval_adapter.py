@@ -19,7 +19,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from bd3_plugin.core.checkpoint import load_checkpoint
-from bd3_plugin.likelihood.estimators import Estimator, check_fits, resolve
+from bd3_plugin.likelihood.estimators import Estimator, check_fits, choose_estimator
 from bd3_plugin.sampling.config import SamplerConfig
 from bd3_plugin.sampling.generate import generate
 from bd3_plugin.core.generators import seeded_generators
@@ -78,7 +78,7 @@ class AdapterArgs:
 
     @property
     def scorer(self) -> Estimator:
-        return resolve(self.estimator, self.passes, self.mc_samples)
+        return choose_estimator(self.estimator, self.passes, self.mc_samples)
 
     @classmethod
     def parse(cls, kwargs: dict) -> "AdapterArgs":

@@ -47,7 +47,7 @@ class Estimator:
         return f"{self.name}/{self.passes}"
 
 
-def resolve(estimator: str | None, passes: int | None, mc_samples: int | None) -> Estimator:
+def choose_estimator(estimator: str | None, passes: int | None, mc_samples: int | None) -> Estimator:
     """One estimator from the user's three knobs. `mc_samples=K` alone means `mc` with K passes; beside
     another estimator, or beside a different `passes`, it is ambiguous and refused."""
     if mc_samples is not None:

@@ -74,25 +74,46 @@ def nelbo_terms(model: BD3LM, x_0: torch.Tensor, generators: Generators, *, esti
                 **kwargs) -> torch.Tensor:
     """Per-token NELBO contributions (B, L). Without an estimator, or with `mc`: the mean over the Monte
     Carlo draws of `nelbo_samples` (`samples`, or the estimator's passes); otherwise `nelbo_planned`."""
-    if estimator is not None and estimator.name == "mc":
-        if kwargs.get("samples", 1) != 1:
-            raise ValueError("give the mc samples once: samples= or the estimator's passes, not both")
-        kwargs["samples"] = estimator.passes
-    if estimator is None or estimator.name == "mc":
+    if estimator is None:
         return nelbo_samples(model, x_0, generators, **kwargs).mean(dim=1)
-    if "samples" in kwargs or "antithetic" in kwargs:
+    if estimator.name == "mc":
+        if kwargs.pop("samples", 1) != 1:
+            raise ValueError("give the mc samples once: samples= or the estimator's passes, not both")
+    elif "samples" in kwargs or "antithetic" in kwargs:
         raise ValueError(f"samples/antithetic belong to the mc estimator, not {estimator.name}")
-    return nelbo_planned(model, x_0, generators, estimator, **kwargs)
+    return nelbo_estimates(model, x_0, generators, estimator, **kwargs).mean(dim=1)
+
+
+def nelbo_estimates(model: BD3LM, x_0: torch.Tensor, generators: Generators, estimator: Estimator,
+                    **kwargs) -> torch.Tensor:
+    """The one dispatch on the estimator: per-token NELBO contributions (B, K, L), one row per Monte Carlo
+    draw for `mc` (K = its passes), one planned estimate for `exact`, `stratified` and `auto` (K = 1).
+    Keyword arguments as `nelbo_samples` / `nelbo_planned`."""
+    if estimator.name == "mc":
+        return nelbo_samples(model, x_0, generators, samples=estimator.passes, **kwargs)
+    return nelbo_planned(model, x_0, generators, estimator, **kwargs)[:, None]
+
+
+def default_eligible(valid: torch.Tensor) -> torch.Tensor:
+    """The tokens a bound scores by default (B, L) bool: every valid token but the first, which stays clean
+    (the reference's `ignore_bos`)."""
+    eligible = valid.clone()
+    eligible[:, 0] = False
+    return eligible
+
+
+def scored_tokens(x_0: torch.Tensor, valid: torch.Tensor | None, eligible: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid, eligible) with their defaults: every token valid; `default_eligible`; eligible ⊆ valid."""
+    valid = torch.ones_like(x_0, dtype=torch.bool) if valid is None else valid
+    eligible = default_eligible(valid) if eligible is None else eligible
+    return valid, eligible & valid
 
 
 def _scored(x_0: torch.Tensor, valid: torch.Tensor | None, eligible: torch.Tensor | None, model_length: int):
     if x_0.shape[1] > model_length:
         raise ValueError(f"sequence length {x_0.shape[1]} exceeds model_length {model_length}")
-    valid = torch.ones_like(x_0, dtype=torch.bool) if valid is None else valid
-    if eligible is None:
-        eligible = valid.clone()
-        eligible[:, 0] = False
-    return valid, eligible & valid
+    return scored_tokens(x_0, valid, eligible)
 
 
 def nelbo_samples(model: BD3LM, x_0: torch.Tensor, generators: Generators, *, eligible: torch.Tensor | None = None,

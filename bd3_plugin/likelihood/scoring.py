@@ -15,8 +15,9 @@ import torch
 
 from bd3_plugin.likelihood.estimators import Estimator
 from bd3_plugin.core.model import BD3LM
-from bd3_plugin.likelihood.nelbo import nelbo_planned, nelbo_samples
+from bd3_plugin.likelihood.nelbo import nelbo_estimates
 from bd3_plugin.core.generators import seeded_generators
+from bd3_plugin.core.subs import subs_logits
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,8 @@ def score_windows(model: BD3LM, wins: list[Window], *, mc_samples: int | None = 
     totals = torch.zeros(len(wins), columns(est), dtype=torch.float64)
     for idx, (x, valid, eligible) in _batches(wins, batch_size, model.device, progress, "nelbo"):
         gens = seeded_generators([seeds[i] for i in idx])
-        if est.name == "mc":
-            terms = nelbo_samples(model, x, gens, eligible=eligible, valid=valid, samples=est.passes,
-                                  eps_min=eps_min, eps_max=eps_max)  # (b, K, n)
-        else:
-            terms = nelbo_planned(model, x, gens, est, eligible=eligible, valid=valid, eps_min=eps_min,
-                                  eps_max=eps_max)[:, None]  # (b, 1, n)
+        terms = nelbo_estimates(model, x, gens, est, eligible=eligible, valid=valid, eps_min=eps_min,
+                                eps_max=eps_max)  # (b, K, n)
         totals[idx] = terms.double().sum(dim=2).cpu()
     return totals
 
@@ -128,8 +125,7 @@ def greedy_windows(model: BD3LM, wins: list[Window], *, batch_size: int = 8) -> 
     mask_id = model.config.mask_id
     for idx, (x, valid, eligible) in _batches(wins, batch_size, model.device, False, ""):
         x_t = torch.where(eligible, torch.full_like(x, mask_id), x)
-        logits = model.forward_train(x_t, x, valid).float()
-        logits[..., mask_id] = -float("inf")
+        logits = subs_logits(model.forward_train(x_t, x, valid), mask_id, torch.float32)
         hit = (logits.argmax(-1) == x) | ~eligible
         for r, i in enumerate(idx):
             out[i] = bool(hit[r].all())

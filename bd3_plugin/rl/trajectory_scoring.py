@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 
 from bd3_plugin.core.model import BD3LM
-from bd3_plugin.likelihood.nelbo import NoiseDraw, draw_noise, terms_from_logits
+from bd3_plugin.likelihood.nelbo import NoiseDraw, draw_noise, scored_tokens, terms_from_logits
 from bd3_plugin.core.generators import Generators, per_row
-from bd3_plugin.sampling.samplers import ddpm_reveal_probability
-from bd3_plugin.sampling.trajectory import (Trajectory, raw_log_probs, selection_log_prob, threshold_miss_log_prob,
-    token_terms)
+from bd3_plugin.sampling.registry import Sampler, sampler_for
+from bd3_plugin.sampling.samplers import token_probs
+from bd3_plugin.sampling.trajectory import Trajectory, raw_log_probs, token_terms
 
 Step = tuple[int, int]  # (block, pass)
 
@@ -88,6 +88,7 @@ def score_trajectory(model: BD3LM, trajectories: Sequence[Trajectory], *,
     x_0, valid, passes, block, wanted = _canvas(model, trajectories, steps)
     mask_id = model.config.mask_id
     parts = [dict(idx=[], lp=[], raw=[], ent=[], miss_idx=[], miss_grid=[], miss=[], full={}) for _ in trajectories]
+    samplers = [sampler_for(t.sampler, mask_id) for t in trajectories]
     for r in sorted(set(passes[wanted].tolist())):
         now = wanted & (passes == r)  # (B, n) slots revealed at round r
         x_t = torch.where(passes >= r, torch.full_like(x_0, mask_id), x_0)
@@ -101,18 +102,19 @@ def score_trajectory(model: BD3LM, trajectories: Sequence[Trajectory], *,
                                        cfg.top_k)
             off = t.first_block * t.block_size
             part["idx"].append(where - off), part["lp"].append(lp), part["raw"].append(raw), part["ent"].append(ent)
-            if cfg.algorithm == "threshold" and cfg.temperature > 0:
+            if samplers[j].selection_reads_left:
                 blocks_now = block[j, where].unique()
                 miss = ((passes[j] > r) & torch.isin(block[j], blocks_now)).nonzero()[:, 0]
                 part["miss_idx"].append(miss - off)
-                part["miss_grid"].append(torch.full((len(miss),), r - 1))  # a threshold step's grid is its pass − 1
-                part["miss"].append(threshold_miss_log_prob(logits[j, miss], mask_id, cfg.temperature, cfg.top_p,
-                                                            cfg.threshold, cfg.top_k))
+                # every step of a sampler that keeps no logits is a pass: its grid is its pass − 1
+                part["miss_grid"].append(torch.full((len(miss),), r - 1))
+                probs = token_probs(logits[j, miss], mask_id, cfg.temperature, cfg.top_p, cfg.top_k)
+                part["miss"].append(samplers[j].left_log_prob(probs))
             for blk, p in full_vocab[j]:
                 if p == r:
                     at = where[block[j, where] == blk]
                     part["full"][(blk, p)] = raw_log_probs(logits[j, at], mask_id)
-    return [_assemble(t, part) for t, part in zip(trajectories, parts)]
+    return [_assemble(t, part, sampler) for t, part, sampler in zip(trajectories, parts, samplers)]
 
 
 def _scatter(n: int, idx: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
@@ -130,7 +132,7 @@ def _step_rows(t: Trajectory, block: torch.Tensor, grid: torch.Tensor) -> torch.
     return torch.tensor([row[k] for k in zip(block.tolist(), grid.tolist())], dtype=torch.long)
 
 
-def _assemble(t: Trajectory, part: dict) -> TrajectoryScores:
+def _assemble(t: Trajectory, part: dict, sampler: Sampler) -> TrajectoryScores:
     n, st, gen = len(t.tokens), t.steps, t.reveal_pass > 0
     slot_at = [torch.cat(part["idx"]).cpu()] if part["idx"] else []
     lp, raw, ent = (_scatter(n, slot_at, part[k]) for k in ("lp", "raw", "ent"))
@@ -147,22 +149,19 @@ def _assemble(t: Trajectory, part: dict) -> TrajectoryScores:
     # Masked before a step: the block's generated slots revealed at that step or later.
     same = (t.block[None, :] == st.block[:, None]) & gen[None, :]  # (S, N)
     n_masked = (same & (t.reveal_grid[None, :] >= st.grid[:, None])).sum(dim=1)
-    select = _selection(t, part, n_masked, n_revealed, dev)
+    select = _selection(t, part, sampler, n_masked, n_revealed, dev)
     return TrajectoryScores(lp, raw, ent, scored, sums(lp), select, sums(ent) / n_revealed.to(dev), step_scored,
                             part["full"])
 
 
-def _selection(t: Trajectory, part: dict, n_masked: torch.Tensor, n_revealed: torch.Tensor, dev) -> torch.Tensor:
-    """Per step, log-prob of which positions were revealed (see `BlockRecorder.step`)."""
-    cfg, st = t.sampler, t.steps
-    if cfg.temperature == 0:
-        return torch.zeros(len(st.block), dtype=torch.float64, device=dev)
-    if cfg.algorithm != "threshold":
-        steps = cfg.steps or t.block_size
-        p = torch.tensor([ddpm_reveal_probability(1 - g / steps, 1 - (g + 1) / steps) for g in st.grid.tolist()],
-                         dtype=torch.float64)
-        return selection_log_prob(cfg.algorithm, n_masked, n_revealed, p).to(dev)
-    select = torch.zeros(len(st.block), dtype=torch.float64, device=dev)
+def _selection(t: Trajectory, part: dict, sampler: Sampler, n_masked: torch.Tensor, n_revealed: torch.Tensor, dev
+               ) -> torch.Tensor:
+    """Per step, log-prob of which positions were revealed (see `BlockRecorder.step`): the sampler's
+    θ-free term from the counts and the grid levels, plus its terms at the slots each step left masked,
+    NaN where the record says the sampler's terms do not describe the step."""
+    st = t.steps
+    steps, grid = t.sampler.steps or t.block_size, st.grid.double()
+    select = sampler.selection_log_prob(n_masked, n_revealed, 1 - grid / steps, 1 - (grid + 1) / steps).to(dev)
     if part["miss_idx"]:
         miss_idx = torch.cat(part["miss_idx"]).cpu()
         at = _step_rows(t, t.block[miss_idx], torch.cat(part["miss_grid"]))
@@ -214,11 +213,8 @@ def shared_noise_nelbo(models: Sequence[BD3LM], x_0: torch.Tensor, generators: G
     for m in models[1:]:
         if (m.config.block_size, m.config.mask_id) != (cfg.block_size, cfg.mask_id):
             raise ValueError("models with different block sizes or mask ids cannot share a noise draw")
-    valid = torch.ones_like(x_0, dtype=torch.bool) if valid is None else valid
-    if eligible is None:
-        eligible = valid.clone()
-        eligible[:, 0] = False
-    draw = draw_noise(x_0, eligible & valid, cfg.block_size, cfg.mask_id, generators, samples=samples,
+    valid, eligible = scored_tokens(x_0, valid, eligible)
+    draw = draw_noise(x_0, eligible, cfg.block_size, cfg.mask_id, generators, samples=samples,
                       eps_min=eps_min, eps_max=eps_max, antithetic=antithetic, lengths=valid.sum(1).tolist())
     x0_rep, valid_rep = x_0.repeat_interleave(samples, dim=0), valid.repeat_interleave(samples, dim=0)
     terms = [terms_from_logits(m.forward_train(draw.x_t, x0_rep, valid_rep), draw, x0_rep, cfg.mask_id)

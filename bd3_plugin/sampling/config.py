@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ALGORITHMS = ("first_hitting", "ddpm", "threshold")
+from bd3_plugin.sampling.registry import ALGORITHMS, sampler_class
+
+__all__ = ["ALGORITHMS", "SamplerConfig"]  # ALGORITHMS: the registered sampler names, a live view
 
 
 def _number(value) -> bool:
@@ -13,7 +15,7 @@ def _number(value) -> bool:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    algorithm: str = "first_hitting"
+    algorithm: str = "first_hitting"  # a name in the sampler registry (registry.py)
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -25,8 +27,7 @@ class SamplerConfig:
     entropy_window: int = 256
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        sampler_class(self.algorithm)  # ValueError unless registered; looked up now, so a later one counts
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not (_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):

@@ -2,8 +2,8 @@
 
 The loop is shared by every engine that runs BD3 sampling: the core's `generate` calls it with a forward
 over its own KV cache, the vLLM backend with a pass through vLLM's model on the paged cache. Each step is
-split around the pass: `slots_to_read` (before) says where the step will read logits, so that the engine
-computes the output layer only there; the sampler step (after) reveals tokens from those logits.
+split around the pass: the sampler's `read` (before) says where the step will read logits, so that the
+engine computes the output layer only there; its `step` (after) reveals tokens from those logits.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bd3_plugin.sampling.samplers import ddpm_step, first_hitting_choice, first_hitting_step, threshold_step
+from bd3_plugin.sampling.registry import sampler_for
 
 
 @dataclass
@@ -22,27 +22,18 @@ class BlockOutcome:
     reveal_step: torch.Tensor  # (B, L') the row's step (1-based, within the block) that revealed it; 0 if given
 
 
-def slots_to_read(config, masked: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """The pre-pass half of a step: the (B, L') slots whose logits the step will read. First-hitting at
-    temperature > 0 draws its position here (before the token, as always, so the tokens for a seed are
-    those of drawing both after the pass); every other step reads every masked slot."""
-    if config.algorithm == "first_hitting":
-        return first_hitting_choice(masked, generators, config.temperature)
-    return masked
-
-
 def denoise_block(block: torch.Tensor, forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], config,
                   generators: list[torch.Generator], mask_id: int, *, recorder=None) -> BlockOutcome:
     """Reveal every mask of `block` (B, L') in place. `forward(block, read)` runs one pass and returns
     logits (B, L', V) that need be valid only at the `read` (B, L') slots (the others may be zeros; a row
     with no read slot needs no logits at all); `config` is a SamplerConfig (algorithm, temperature, top_p,
     top_k, steps, threshold). A `recorder` (`trajectory.BlockRecorder`) is shown every step and reads only
-    the slots read; it draws nothing, so tokens are the same with it."""
-    kw = dict(mask_id=mask_id, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-              with_probs=recorder is not None)
+    the slots read; it draws nothing, so tokens are the same with it. First-hitting draws its position in
+    `read`, before the pass and before the token, as it would drawing both after the pass."""
+    sampler = sampler_for(config, mask_id)
     steps = config.steps or block.shape[1]
     passes, grid_i, logits = 0, 0, None
-    # DDPM caching: the network ignores t, so a row's logits change only when its block does; a cached
+    # Caching (DDPM): the network ignores t, so a row's logits change only when its block does; a cached
     # row's masked slots are a subset of those read when its logits were computed (nothing is re-masked).
     stale = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
     row_steps = torch.zeros(block.shape[0], dtype=torch.long, device=block.device)
@@ -54,26 +45,23 @@ def denoise_block(block: torch.Tensor, forward: Callable[[torch.Tensor, torch.Te
         if not masked.any():
             break
         needs = masked.any(dim=1) & stale
-        read = slots_to_read(config, masked, generators)
+        read = sampler.read(masked, generators)
         if needs.any():
             fresh = forward(block, read & needs[:, None])
-            cached = masked.any(dim=1) & ~needs  # (B,) DDPM rows that keep their last logits
+            cached = masked.any(dim=1) & ~needs  # (B,) rows that keep their last logits
             if cached.any():
                 fresh[cached] = logits[cached]
             logits = fresh
             passes += 1
             row_steps += needs.long()
         t, s = 1 - grid_i / steps, 1 - (grid_i + 1) / steps
-        if config.algorithm == "first_hitting":
-            reveal, tokens, *probs = first_hitting_step(logits, read, generators, **kw)
-        elif config.algorithm == "threshold":
-            reveal, tokens, *probs = threshold_step(logits, masked, generators, threshold=config.threshold, **kw)
-        else:
-            reveal, tokens, *probs = ddpm_step(logits, masked, generators, t=t, s=s, **kw)
+        result = sampler.step(logits, masked, read, generators, grid_i, t, s, with_probs=recorder is not None)
+        reveal = result.reveal
+        if sampler.keeps_logits:
             stale = reveal.any(dim=1)
         if recorder is not None:
-            recorder.step(logits, masked, reveal, tokens, row_steps, grid_i, t, s, *probs)
+            recorder.step(logits, masked, result, row_steps, grid_i, t, s)
         grid_i += 1
-        block[reveal] = tokens[reveal]
+        block[reveal] = result.tokens[reveal]
         reveal_step[reveal] = row_steps[:, None].expand_as(reveal)[reveal]
     return BlockOutcome(passes, row_steps, reveal_step)

@@ -2,12 +2,36 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from bd3_plugin.sampling.block_batch import BlockBatch
 from bd3_plugin.core.model import BD3LM
+from bd3_plugin.core.subs import subs_logits
 from bd3_plugin.sampling.trajectory import Trajectory
+
+
+@dataclass(frozen=True, eq=False)
+class CompletionStart:
+    """Where a greedy completion from a recorded state (trajectory, block b, pass p) starts; the core and the
+    vLLM engine (`vllm_backend.server.traces.greedy_completions`) both begin here."""
+
+    prefix: list[int]  # the sequence before block b
+    block: torch.Tensor  # (L',) block b as it stood at pass p
+    prompt_tail: list[int]  # the prompt's tokens inside block b (only when b is the first denoised block)
+    head: list[int]  # output tokens of the denoised blocks before b
+    limit: int  # output tokens at most
+
+
+def completion_start(traj: Trajectory, b: int, p: int, max_new_tokens: int | None = None) -> CompletionStart:
+    size = traj.block_size
+    block = traj.state(b, p)  # checks that block b was denoised
+    before = (b - traj.first_block) * size  # slots of the denoised blocks before b, all in the output
+    return CompletionStart(prefix=traj.sequence()[: b * size].tolist(), block=block,
+                           prompt_tail=list(traj.prompt[b * size :]) if b == traj.first_block else [],
+                           head=traj.tokens[:before][traj.reveal_pass[:before] > 0].tolist(),
+                           limit=max_new_tokens or traj.sampler.max_new_tokens)
 
 
 @torch.no_grad()
@@ -20,22 +44,17 @@ def greedy_completions(model: BD3LM, states: Sequence[tuple[Trajectory, int, int
     stores the clean blocks before its block (`BlockBatch.forward`), so a block costs exactly one pass."""
     if not states:
         return []
-    size, mask_id = model.config.block_size, model.config.mask_id
-    prefixes, blocks, out, first_gen, limits = [], [], [], [], []
-    for traj, b, p in states:
-        blocks.append(traj.state(b, p))  # checks that block b was denoised
-        prefixes.append(traj.sequence()[: b * size].tolist())
-        before = (b - traj.first_block) * size  # slots of the denoised blocks before b, all in the output
-        out.append(traj.tokens[:before][traj.reveal_pass[:before] > 0].tolist())
-        first_gen.append(len(traj.prompt) % size if b == traj.first_block else 0)
-        limits.append(max_new_tokens or traj.sampler.max_new_tokens)
-    batch = BlockBatch(model, prefixes, [None] * len(states))
+    mask_id = model.config.mask_id
+    starts = [completion_start(traj, b, p, max_new_tokens) for traj, b, p in states]
+    out = [list(s.head) for s in starts]
+    limits = [s.limit for s in starts]
+    batch = BlockBatch(model, [s.prefix for s in starts], [None] * len(states))
     batch.commit_overflow()
-    batch.block, batch.first_gen = torch.stack(blocks).to(model.device), first_gen
+    batch.block = torch.stack([s.block for s in starts]).to(model.device)
+    batch.first_gen = [len(s.prompt_tail) for s in starts]
     while batch.rows:
         masked = batch.block == mask_id
-        logits = batch.forward(batch.block, masked)  # (B, L', V), valid at the masked slots
-        logits[..., mask_id] = -float("inf")  # SUBS: the mask is never predicted
+        logits = subs_logits(batch.forward(batch.block, masked), mask_id)  # (B, L', V), valid at the masked slots
         batch.block = torch.where(masked, logits.argmax(dim=-1), batch.block)
         live = []
         for r, orig in enumerate(batch.rows):

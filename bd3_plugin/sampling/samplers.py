@@ -1,18 +1,33 @@
-"""One denoising step of each sampler, for one noisy block of a batch (spec §4).
+"""One denoising step of each sampler, for one noisy block of a batch (spec §4), and the probability of
+the positions it chose.
 
-Pure functions: logits of the block in, the positions to reveal and their tokens out. A sampler whose
-positions do not depend on the logits (first-hitting at temperature > 0) chooses them before the pass
-(`first_hitting_choice`), so that the pass computes logits only where they are read. Each row draws
-only from its own generator and only while it still has masks, so a row's tokens never depend on what
-else is in the batch. Probabilities and Gumbel noise are float64 (the paper: fp32 noise lowers entropy).
+Pure functions: logits of the block in, a `StepResult` (the positions to reveal and their tokens) out. A
+sampler whose positions do not depend on the logits (first-hitting at temperature > 0) chooses them before
+the pass (`first_hitting_choice`), so that the pass computes logits only where they are read. Each row
+draws only from its own generator and only while it still has masks, so a row's tokens never depend on
+what else is in the batch. Probabilities and Gumbel noise are float64 (the paper: fp32 noise lowers
+entropy). `registry.py` puts each sampler behind one interface.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from bd3_plugin.core.subs import NEG_INF
+from bd3_plugin.core.subs import subs_logits
 
 _TIE = 1e-6
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value
+class StepResult:
+    """What one step decided for a block of B rows. `scored` and `probs` are set when the step was asked
+    for its distributions (`with_probs`), so that a trajectory recorder needs no second softmax."""
+
+    reveal: torch.Tensor  # (B, L') bool: the slots revealed
+    tokens: torch.Tensor  # (B, L') long: their tokens (threshold: the proposal at every masked slot)
+    scored: torch.Tensor | None = None  # (B, L') bool: where p_θ was computed
+    probs: torch.Tensor | None = None  # (n, V) float64: those distributions, row-major
 
 
 def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -52,8 +67,7 @@ def token_probs(logits: torch.Tensor, mask_id: int, temperature: float = 1.0, to
     filter (used as confidences), as vLLM drops top-k and top-p from greedy requests; the argmax is the same
     either way, and the confidences that order the reveals stay the model's own.
     """
-    logits = logits.double().clone()
-    logits[..., mask_id] += NEG_INF
+    logits = subs_logits(logits, mask_id, torch.float64)
     if temperature == 0:
         return torch.softmax(logits, dim=-1)
     return nucleus_filter(top_k_filter(torch.softmax(logits / temperature, dim=-1), top_k), top_p)
@@ -120,12 +134,16 @@ def _proposals(logits: torch.Tensor, masked: torch.Tensor, generators: list[torc
     return tokens, confidence, probs
 
 
+def _result(reveal: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor, probs: torch.Tensor,
+            with_probs: bool) -> StepResult:
+    return StepResult(reveal, tokens, scored, probs) if with_probs else StepResult(reveal, tokens)
+
+
 def _greedy_step(logits: torch.Tensor, masked: torch.Tensor, count: torch.Tensor, mask_id: int, top_p: float,
-                 top_k: int, with_probs: bool) -> tuple:
+                 top_k: int, with_probs: bool) -> StepResult:
     """Temperature 0: argmax tokens at the `count` most confident masked positions; no generator is used."""
     tokens, confidence, probs = _proposals(logits, masked, [], mask_id, 0.0, top_p, top_k)
-    reveal = greedy_positions(confidence, masked, count)
-    return (reveal, tokens, masked, probs) if with_probs else (reveal, tokens)
+    return _result(greedy_positions(confidence, masked, count), tokens, masked, probs, with_probs)
 
 
 def first_hitting_choice(masked: torch.Tensor, generators: list[torch.Generator], temperature: float
@@ -148,29 +166,39 @@ def first_hitting_choice(masked: torch.Tensor, generators: list[torch.Generator]
 
 def first_hitting_step(logits: torch.Tensor, read: torch.Tensor, generators: list[torch.Generator], *,
                        mask_id: int, temperature: float, top_p: float, top_k: int = 0, with_probs: bool = False
-                       ) -> tuple:
+                       ) -> StepResult:
     """After the pass: reveal one of the slots `first_hitting_choice` chose to read per row, with a token
     from p_θ: at temperature > 0 the one drawn slot, at temperature 0 the greedy one (`greedy_positions`:
     the most confident, leftmost among ties). Only the `read` slots of `logits` are used.
 
-    logits (B, L', V), read (B, L') -> reveal (B, L') bool, tokens (B, L'). Every step function, given
-    `with_probs=True`, also returns where it computed p_θ (B, L') and those distributions (n, V) row-major,
-    so that a trajectory recorder needs no second softmax.
+    logits (B, L', V), read (B, L') -> StepResult. Every step function, given `with_probs=True`, also
+    returns where it computed p_θ (B, L') and those distributions (n, V) row-major.
     """
     if temperature == 0:
         return _greedy_step(logits, read, read.any(dim=1).long(), mask_id, top_p, top_k, with_probs)
     return _reveal_with_draws(logits, read, generators, mask_id, temperature, top_p, top_k, with_probs)
 
 
-def _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs) -> tuple:
+def _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs) -> StepResult:
     tokens = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
     tokens[reveal], probs = _propose(logits, reveal, generators, mask_id, temperature, top_p, top_k)
-    return (reveal, tokens, reveal, probs) if with_probs else (reveal, tokens)
+    return _result(reveal, tokens, reveal, probs, with_probs)
 
 
 def ddpm_reveal_probability(t: float, s: float) -> float:
     """Probability that a masked token is revealed going from t to s < t: (t − s)/t, and 1 at s = 0."""
     return 1.0 if s <= 0 else (t - s) / t
+
+
+def ddpm_selection_log_prob(n_masked: torch.Tensor, n_revealed: torch.Tensor, t: torch.Tensor, s: torch.Tensor
+                            ) -> torch.Tensor:
+    """log-prob that a DDPM step from t to s revealed exactly the slots it did, given the counts (θ-free):
+    the Bernoulli terms n_rev·log p + (n_masked − n_rev)·log(1 − p), p = `ddpm_reveal_probability`.
+    Arguments broadcast; levels are float64 tensors, so a whole step table is one call."""
+    n_masked, n_revealed = n_masked.double(), n_revealed.double()
+    p = torch.where(s <= 0, torch.ones_like(s), (t - s) / t)  # ddpm_reveal_probability, elementwise
+    kept = n_masked - n_revealed
+    return n_revealed * p.log() + torch.where(kept > 0, kept * torch.log1p(-p), torch.zeros_like(kept))
 
 
 def ddpm_greedy_count(n_masked: torch.Tensor, t: float, s: float) -> torch.Tensor:
@@ -185,7 +213,7 @@ def ddpm_greedy_count(n_masked: torch.Tensor, t: float, s: float) -> torch.Tenso
 
 def ddpm_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *, t: float,
               s: float, mask_id: int, temperature: float, top_p: float, top_k: int = 0, with_probs: bool = False
-              ) -> tuple:
+              ) -> StepResult:
     """Posterior step from t to s < t: a masked token stays masked with probability s/t, else it takes a
     token from p_θ(x_0). At s = 0 every masked token is revealed. At temperature 0 the step reveals
     `ddpm_greedy_count` positions chosen by `greedy_positions`, with argmax tokens."""
@@ -200,7 +228,7 @@ def ddpm_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch
 
 def threshold_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], *,
                    threshold: float, mask_id: int, temperature: float, top_p: float, top_k: int = 0,
-                   with_probs: bool = False) -> tuple:
+                   with_probs: bool = False) -> StepResult:
     """Confidence-threshold parallel decoding: propose a token at every masked position and reveal those
     whose probability is ≥ threshold; when none is, reveal the single most confident one (the greedy
     position). At temperature 0 the proposals are the argmax tokens, so the step is deterministic."""
@@ -208,4 +236,10 @@ def threshold_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[
     reveal = masked & (confidence >= threshold)
     stuck = masked.any(dim=1) & ~reveal.any(dim=1)
     reveal |= greedy_positions(confidence, masked, stuck.long())
-    return (reveal, tokens, masked, probs) if with_probs else (reveal, tokens)
+    return _result(reveal, tokens, masked, probs, with_probs)
+
+
+def threshold_miss_log_prob(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """log P(the token proposed at a slot falls below the threshold) = log Σ_v q(v)·1[q(v) < τ], for the
+    sampler's distributions q (n, V) at slots a threshold step left masked -> (n,)."""
+    return (probs * (probs < threshold)).sum(dim=-1).log()

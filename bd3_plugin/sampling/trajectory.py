@@ -16,16 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from bd3_plugin.core.subs import NEG_INF
+from bd3_plugin.core.subs import subs_log_softmax
 from bd3_plugin.sampling.config import SamplerConfig
-from bd3_plugin.sampling.samplers import ddpm_reveal_probability, token_probs
+from bd3_plugin.sampling.registry import sampler_for
+from bd3_plugin.sampling.samplers import StepResult, token_probs
 
 
 def raw_log_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """log p_θ at temperature 1 with SUBS (the mask is never predicted), float64 (…, V)."""
-    logits = logits.double().clone()
-    logits[..., mask_id] += NEG_INF
-    return torch.log_softmax(logits, dim=-1)
+    return subs_log_softmax(logits, mask_id, torch.float64)
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -46,29 +45,6 @@ def token_terms(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, temper
         return zero, raw, zero
     q = token_probs(logits, mask_id, temperature, top_p, top_k)  # (n, V)
     return q.gather(-1, tokens[:, None]).squeeze(-1).log(), raw, entropy(q)
-
-
-def threshold_miss_log_prob(logits: torch.Tensor, mask_id: int, temperature: float, top_p: float,
-                            threshold: float, top_k: int = 0) -> torch.Tensor:
-    """log P(the token proposed at a position falls below the threshold) = log Σ_v q(v)·1[q(v) < τ], (n,)."""
-    return miss_log_prob(token_probs(logits, mask_id, temperature, top_p, top_k), threshold)
-
-
-def miss_log_prob(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """log Σ_v q(v)·1[q(v) < τ] for distributions q (n, V)."""
-    return (probs * (probs < threshold)).sum(dim=-1).log()
-
-
-def selection_log_prob(algorithm: str, n_masked: torch.Tensor, n_revealed: torch.Tensor,
-                       p_reveal: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """log-prob of which positions a first-hitting or DDPM step revealed, given the counts (θ-free):
-    first-hitting −log n_masked; DDPM the Bernoulli terms n_rev·log p + (n_masked − n_rev)·log(1 − p)."""
-    n_masked, n_revealed = n_masked.double(), n_revealed.double()
-    if algorithm == "first_hitting":
-        return -n_masked.log()
-    p = torch.as_tensor(p_reveal, dtype=torch.float64)
-    kept = n_masked - n_revealed
-    return n_revealed * p.log() + torch.where(kept > 0, kept * torch.log1p(-p), torch.zeros_like(kept))
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value: compare fields explicitly
@@ -209,6 +185,7 @@ class BlockRecorder:
 
     def __init__(self, config, mask_id: int) -> None:
         self.config, self.mask_id = config, mask_id
+        self.sampler = sampler_for(config, mask_id)
 
     def begin(self, block: torch.Tensor) -> None:
         b, size = block.shape
@@ -218,18 +195,17 @@ class BlockRecorder:
         self.logprob, self.logprob_raw, self.entropy = (torch.zeros(b, size, **f64) for _ in range(3))
         self.rows: list[tuple[torch.Tensor, ...]] = []
 
-    def step(self, logits: torch.Tensor, masked: torch.Tensor, reveal: torch.Tensor, tokens: torch.Tensor,
-             passes: torch.Tensor, grid: int, t: float, s: float, where: torch.Tensor | None = None,
-             probs: torch.Tensor | None = None) -> None:
-        """One sampler step: logits (B, L', V) it used, the masks before it, what it revealed, the tokens
-        (threshold: the proposals at every masked slot), each row's pass count (B,), the DDPM grid index
-        and levels; optionally the sampler's distributions `probs` (n, V) at the slots `where` (B, L'), then
-        `logits` is read only at the revealed slots (without `probs`, at every masked slot)."""
-        cfg = self.config
+    def step(self, logits: torch.Tensor, masked: torch.Tensor, result: StepResult, passes: torch.Tensor, grid: int,
+             t: float, s: float) -> None:
+        """One sampler step: logits (B, L', V) it used, the masks before it, its result (threshold: tokens
+        are the proposals at every masked slot), each row's pass count (B,), the grid index and levels. The
+        sampler's distributions come from `result.probs` at `result.scored`, and `logits` is read only at the
+        revealed slots; a result without them has them computed here, at every masked slot."""
+        cfg, sampler = self.config, self.sampler
+        where, probs = result.scored, result.probs
         if probs is None:
-            where, probs = masked, token_probs(logits[masked], self.mask_id, cfg.temperature, cfg.top_p,
-                                               cfg.top_k)
-        tok = tokens[reveal]
+            where, probs = masked, token_probs(logits[masked], self.mask_id, cfg.temperature, cfg.top_p, cfg.top_k)
+        reveal, tok = result.reveal, result.tokens[result.reveal]
         raw = raw_log_probs(logits[reveal], self.mask_id).gather(-1, tok[:, None]).squeeze(-1)
         q_tok = probs[reveal[where]].gather(-1, tok[:, None]).squeeze(-1)  # (n,) the sampler's p of each token
         if cfg.temperature == 0:  # a point mass on the argmax
@@ -243,17 +219,16 @@ class BlockRecorder:
         n_masked, n_revealed = masked.sum(dim=1), reveal.sum(dim=1)
         lp_sum = torch.zeros(len(masked), dtype=torch.float64, device=masked.device).index_add_(0, row, lp)
         ent_sum = torch.zeros_like(lp_sum).index_add_(0, row, ent)
-        known = torch.ones_like(n_masked, dtype=torch.bool)
-        if cfg.temperature == 0:  # the greedy rule is a function of the state: probability 1
-            select = torch.zeros_like(lp_sum)
-        elif cfg.algorithm != "threshold":
-            select = selection_log_prob(cfg.algorithm, n_masked, n_revealed, ddpm_reveal_probability(t, s))
-        else:
-            miss = masked & ~reveal
-            terms = miss_log_prob(probs[miss[where]], cfg.threshold)
-            select = torch.zeros_like(lp_sum).index_add_(0, miss.nonzero()[:, 0], terms)
-            known = torch.zeros_like(n_masked).index_add_(0, row, (q_tok >= cfg.threshold).long()) > 0
-            select = torch.where(known, select, torch.full_like(select, float("nan")))
+        level = lambda x: torch.tensor(x, dtype=torch.float64, device=masked.device)  # noqa: E731
+        select = sampler.selection_log_prob(n_masked, n_revealed, level(t), level(s))
+        if sampler.selection_reads_left:
+            left = masked & ~reveal
+            select = select + torch.zeros_like(lp_sum).index_add_(0, left.nonzero()[:, 0],
+                                                                  sampler.left_log_prob(probs[left[where]]))
+        q = torch.zeros(reveal.shape, dtype=torch.float64, device=reveal.device)
+        q[reveal] = q_tok
+        known = sampler.selection_known(reveal, q)
+        select = torch.where(known, select, torch.full_like(select, float("nan")))
         self.rows.append((n_masked > 0, passes.clone(), n_masked, n_revealed, lp_sum, select, known,
                           ent_sum / n_revealed))
 

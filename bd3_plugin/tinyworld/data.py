@@ -3,7 +3,6 @@ package so that everything runs the moment it is installed."""
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,10 +59,6 @@ def read_heldout(path: Path = HELDOUT) -> list[HeldoutDoc]:
 def true_nll_per_token(docs: list[HeldoutDoc]) -> float:
     """The source's exact NLL per token on these documents: what no model's bound can beat on average."""
     return -sum(d.logprob for d in docs) / sum(d.tokens for d in docs)
-
-
-def true_perplexity(docs: list[HeldoutDoc]) -> float:
-    return math.exp(true_nll_per_token(docs))
 
 
 MC_SEED = 11

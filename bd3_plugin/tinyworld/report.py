@@ -15,6 +15,7 @@ from bd3_plugin.likelihood.scoring import report, score_documents
 from bd3_plugin.tinyworld.copy_eval import CopyScore, solve
 from bd3_plugin.tinyworld.copying import CopySource
 from bd3_plugin.tinyworld.grammar import EOS, Source
+from bd3_plugin.tinyworld.validity import document_stats
 from bd3_plugin.tinyworld.data import (COPY_HELDOUT, HELDOUT, bundled_checkpoints, bundled_copy_checkpoints,
     read_copy_heldout, read_heldout, true_nll_per_token)
 
@@ -38,9 +39,9 @@ def sample_validity(ckpt, algorithm: str, n: int, seed: int, max_new_tokens: int
     bos = ckpt.tokenizer.bos_token_id
     cfg = SamplerConfig(algorithm=algorithm, max_new_tokens=max_new_tokens)
     out = generate(ckpt.model, [[bos]] * n, cfg, seeded_generators([seed + i for i in range(n)]), eos_id=ckpt.eos_id)
-    finished = [g for g in out.generations if g.finish_reason == "eos"]
-    valid = sum(source.is_valid(ckpt.tokenizer.convert_ids_to_tokens(g.tokens) + [EOS]) for g in finished)
-    return valid / n, len(finished) / n
+    docs = [ckpt.tokenizer.convert_ids_to_tokens(g.tokens) + [EOS] for g in out.generations]
+    stats = document_stats(source, docs, [g.finish_reason == "eos" for g in out.generations])
+    return stats.validity, stats.finished
 
 
 def world_rows(paths: list[Path] | None = None, *, mc_samples: int = 4, n_samples: int = 64, seed: int = 0,

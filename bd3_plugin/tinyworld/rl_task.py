@@ -17,6 +17,7 @@ from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.likelihood.scoring import report, score_documents
 from bd3_plugin.tinyworld.data import HELDOUT, read_heldout, training_docs
 from bd3_plugin.tinyworld.grammar import EOS, Source
+from bd3_plugin.tinyworld.validity import document_stats
 
 PROMPT_WORDS = (0, 1, 2)  # prompt i holds the first PROMPT_WORDS[i % 3] words of its document
 
@@ -118,25 +119,20 @@ def evaluate(model: BD3LM, tokenizer, sampler: SamplerConfig, *, samples: int, s
     prompts = heldout_prompts(tokenizer)
     rows = [prompts[i % len(prompts)] for i in range(samples)]
     reward = DocumentReward(tokenizer)
-    valid = finished = length = 0
-    docs = set()
+    docs, finished = [], []
     was_training = model.training
     model.eval()
     for start in range(0, samples, batch):
         part = rows[start : start + batch]
         out = generate(model, part, sampler, seeded_generators([seed + start + i for i in range(len(part))]),
                        eos_id=eos)
-        for p, g in zip(part, out.generations):
-            done = g.finish_reason == "eos"
-            words = reward.words(p, g.tokens)
-            finished += done
-            valid += done and reward.source.is_valid(words)
-            length += len(words)
-            docs.add(tuple(words))
+        docs += [reward.words(p, g.tokens) for p, g in zip(part, out.generations)]
+        finished += [g.finish_reason == "eos" for g in out.generations]
     heldout = read_heldout(HELDOUT)[:nll_docs]
     ids = [tokenizer.convert_tokens_to_ids(d.text.split()) + [eos] for d in heldout]
     with torch.no_grad():
         per_doc = score_documents(model, ids, bos_id=eos, mc_samples=mc_samples, seed=seed, batch_size=32)
     model.train(was_training)
     nll = report(per_doc, sum(len(d) for d in ids)).nll_per_token
-    return WorldEval(samples, valid / samples, finished / samples, length / samples, len(docs) / samples, nll)
+    stats = document_stats(reward.source, docs, finished)
+    return WorldEval(samples, stats.validity, stats.finished, stats.mean_length, stats.distinct, nll)

@@ -19,7 +19,7 @@ import torch
 from bd3_plugin.core.checkpoint import save_checkpoint
 from bd3_plugin.core.config import BD3Config
 from bd3_plugin.core.model import BD3LM
-from bd3_plugin.likelihood.nelbo import draw_noise, terms_from_logits
+from bd3_plugin.likelihood.nelbo import default_eligible, draw_noise, terms_from_logits
 from bd3_plugin.likelihood.noise import mask_tokens
 
 STATE = "trainer_state.pt"
@@ -73,7 +73,7 @@ def rows_from_stream(ids: list[int], length: int) -> torch.Tensor:
 
 def resampled_noise(x0: torch.Tensor, cfg: BD3Config, gen: torch.Generator, lo: float, hi: float):
     """A noise draw whose every block has a masked fraction in [lo, hi] (spec §3.2 resampling)."""
-    eligible = _not_first(x0)
+    eligible = default_eligible(torch.ones_like(x0, dtype=torch.bool))
     draw = draw_noise(x0, eligible, cfg.block_size, cfg.mask_id, gen, eps_min=lo, eps_max=hi)
     size = cfg.block_size
     for _ in range(100):
@@ -90,17 +90,13 @@ def resampled_noise(x0: torch.Tensor, cfg: BD3Config, gen: torch.Generator, lo: 
 def loss_fn(model: BD3LM, x0: torch.Tensor, gen: torch.Generator, tc: TrainConfig) -> torch.Tensor:
     """Training NELBO: the bound's terms averaged over all tokens (the reference's normalisation)."""
     cfg = model.config
-    draw = resampled_noise(x0, cfg, gen, tc.eps_min, tc.eps_max) if tc.resample else draw_noise(
-        x0, _not_first(x0), cfg.block_size, cfg.mask_id, gen, eps_min=tc.eps_min, eps_max=tc.eps_max)
+    if tc.resample:
+        draw = resampled_noise(x0, cfg, gen, tc.eps_min, tc.eps_max)
+    else:
+        eligible = default_eligible(torch.ones_like(x0, dtype=torch.bool))
+        draw = draw_noise(x0, eligible, cfg.block_size, cfg.mask_id, gen, eps_min=tc.eps_min, eps_max=tc.eps_max)
     logits = model.forward_train(draw.x_t, x0)
     return terms_from_logits(logits, draw, x0, cfg.mask_id).mean()
-
-
-def _not_first(x0: torch.Tensor) -> torch.Tensor:
-    """Every token but the first, which stays clean (ignore_bos)."""
-    eligible = torch.ones_like(x0, dtype=torch.bool)
-    eligible[:, 0] = False
-    return eligible
 
 
 class Trainer:

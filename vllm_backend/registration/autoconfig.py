@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bd3_plugin.core.config import BD3Config
 from vllm_backend.worker.engine import engine_kwargs
 
 _PATCHED = "_bd3_autoconfig"
@@ -41,6 +42,7 @@ def bd3_block_size(model: str) -> int | None:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return BD3Config.from_dict(raw).block_size if BD3Config.describes(raw) else None
     if raw.get("model_type") == "bd3lm":
         return int(raw.get("block_size", 4))
     if raw.get("model_type") == "mdlm":

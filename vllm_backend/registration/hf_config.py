@@ -3,6 +3,8 @@ config.json natively (no remote code). vLLM reads hidden_size, num_attention_hea
 max_position_embeddings; the attribute map points them at the BD3 names."""
 from __future__ import annotations
 
+import dataclasses
+
 from transformers import PretrainedConfig
 
 from bd3_plugin.core.config import BD3Config
@@ -14,33 +16,30 @@ _ALIASES = {"hidden_size": "hidden_dim", "num_attention_heads": "n_heads", "num_
             "max_position_embeddings": "model_length"}
 
 
+# The network's fields, their defaults and their validation are the core's (`BD3Config`): one source.
+_FIELDS = {f.name: f.default for f in dataclasses.fields(BD3Config) if f.name != "model_type"}
+
+
 class BD3HFConfig(PretrainedConfig):
     model_type = "bd3lm"
     attribute_map = _ALIASES
 
-    def __init__(self, vocab_size: int = 50258, model_length: int = 1024, block_size: int = 4,
-                 hidden_dim: int = 768, n_heads: int = 12, n_blocks: int = 12, cond_dim: int = 128,
-                 dropout: float = 0.1, mask_token_id: int | None = None, var_min: bool = False,
-                 sampling_eps_min: float = 1e-3, sampling_eps_max: float = 1.0, **kwargs) -> None:
-        self.vocab_size, self.model_length, self.block_size = vocab_size, model_length, block_size
-        self.hidden_dim, self.n_heads, self.n_blocks, self.cond_dim = hidden_dim, n_heads, n_blocks, cond_dim
-        self.dropout, self.mask_token_id, self.var_min = dropout, mask_token_id, var_min
-        self.sampling_eps_min, self.sampling_eps_max = sampling_eps_min, sampling_eps_max
+    def __init__(self, **kwargs) -> None:
+        for name, default in _FIELDS.items():
+            setattr(self, name, kwargs.pop(name, default))
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         global ACTIVE_BLOCK_SIZE, ACTIVE_VOCAB_SIZE
         # transformers also builds default instances (e.g. to diff against): only a checkpoint's config
         # (it names its architectures) sets the active values, or the first config seen when none does.
         if "architectures" in kwargs or ACTIVE_BLOCK_SIZE is None:
-            ACTIVE_BLOCK_SIZE = block_size
+            ACTIVE_BLOCK_SIZE = self.block_size
         if "architectures" in kwargs:
-            ACTIVE_VOCAB_SIZE = vocab_size
+            ACTIVE_VOCAB_SIZE = self.vocab_size
 
     def to_bd3(self) -> BD3Config:
         """The core's config: the one validation of every field."""
-        raw = {k: getattr(self, k) for k in ("vocab_size", "model_length", "block_size", "hidden_dim", "n_heads",
-                                             "n_blocks", "cond_dim", "dropout", "mask_token_id", "var_min",
-                                             "sampling_eps_min", "sampling_eps_max")}
+        raw = {k: getattr(self, k) for k in _FIELDS}
         for key in ("adaln", "time_conditioning", "causal"):
             if hasattr(self, key):
                 raw[key] = getattr(self, key)
@@ -50,5 +49,8 @@ class BD3HFConfig(PretrainedConfig):
 class MDLMHFConfig(BD3HFConfig):
     model_type = "mdlm"
 
-    def __init__(self, model_length: int = 1024, block_size: int | None = None, **kwargs) -> None:
-        super().__init__(model_length=model_length, block_size=block_size or model_length, **kwargs)
+    def __init__(self, **kwargs) -> None:
+        # An MDLM is one block as long as the model (the core's `BD3Config.from_dict` says the same).
+        kwargs.setdefault("model_length", _FIELDS["model_length"])
+        kwargs["block_size"] = kwargs.get("block_size") or kwargs["model_length"]
+        super().__init__(**kwargs)

@@ -29,7 +29,7 @@ def command(checkpoint: str, host: str | None, port: int | None, max_model_len: 
     """The `vllm serve` command line: bd3's defaults for the flags the user did not give, then the user's
     further arguments, each exactly once. A flag given both to bd3 and among the further arguments is an
     error (ValueError) rather than a silent choice between the two."""
-    from bd3_plugin.core.checkpoint import read_config, resolve
+    from bd3_plugin.core.checkpoint import read_config, checkpoint_folder
 
     given = flag_names(extra)
     for flag, value in (("--host", host), ("--port", port), ("--max-model-len", max_model_len)):
@@ -37,7 +37,7 @@ def command(checkpoint: str, host: str | None, port: int | None, max_model_len: 
             raise ValueError(f"{flag} is given twice (to bd3 serve and among the vLLM arguments)")
     defaults = {"--host": host or "127.0.0.1", "--port": 8000 if port is None else port, "--dtype": "float32"}
     if "--max-model-len" not in given:
-        defaults["--max-model-len"] = max_model_len or read_config(resolve(checkpoint)).model_length
+        defaults["--max-model-len"] = max_model_len or read_config(checkpoint_folder(checkpoint)).model_length
     vllm = str(Path(sys.executable).with_name("vllm"))
     argv = [vllm, "serve", checkpoint]
     for flag, value in defaults.items():

@@ -21,6 +21,7 @@ import json
 import uuid
 from typing import TYPE_CHECKING
 
+from bd3_plugin.sampling.greedy_completion import completion_start
 from bd3_plugin.sampling.trajectory import Trajectory
 
 from vllm_backend.worker.params import RESUME_KEY, TRACE_KEY, TRACE_PREFIX
@@ -73,9 +74,9 @@ def generate_with_trajectories(llm: vllm.LLM, prompts: list[list[int]], params: 
 
 def greedy_completions(llm: vllm.LLM, states: list[tuple[Trajectory, int, int]],
                        max_new_tokens: int | None = None) -> list[list[int]]:
-    """The engine's `bd3_plugin.sampling.generate.greedy_completions`: from each recorded state (trajectory, block b,
-    pass p), block b as it stood at pass p with its masked slots filled by argmax in one pass, then each
-    later block in one pass, to the engine's EOS (not returned) or the length limit (default: the rollout's).
+    """The engine's `bd3_plugin.sampling.greedy_completion.greedy_completions`, from the same starts
+    (`completion_start`): block b as it stood at pass p with its masked slots filled by argmax in one pass,
+    then each later block in one pass, to the engine's EOS (not returned) or the length limit.
     Each state is one request that resumes from the partly revealed block (`vllm_xargs.resume_block`)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -83,17 +84,12 @@ def greedy_completions(llm: vllm.LLM, states: list[tuple[Trajectory, int, int]],
     vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
     done, requests = [], []
     for traj, b, p in states:
-        size, state = traj.block_size, traj.state(b, p)  # checks that block b was denoised
-        before = (b - traj.first_block) * size  # the denoised slots before block b, all in the output
-        head = traj.tokens[:before][traj.reveal_pass[:before] > 0].tolist()
-        tail = list(traj.prompt[b * size :]) if b == traj.first_block else []
-        limit = max_new_tokens or traj.sampler.max_new_tokens
-        done.append(head[:limit])
-        if len(head) < limit:
-            params = SamplingParams(temperature=0.0, max_tokens=limit - len(head), extra_args={
-                "algorithm": "threshold", "threshold": 1.0 / vocab, RESUME_KEY: state.tolist()})
-            requests.append((len(done) - 1, TokensPrompt(prompt_token_ids=traj.sequence()[: b * size].tolist() + tail),
-                             params))
+        start = completion_start(traj, b, p, max_new_tokens)
+        done.append(start.head[: start.limit])
+        if len(start.head) < start.limit:
+            params = SamplingParams(temperature=0.0, max_tokens=start.limit - len(start.head), extra_args={
+                "algorithm": "threshold", "threshold": 1.0 / vocab, RESUME_KEY: start.block.tolist()})
+            requests.append((len(done) - 1, TokensPrompt(prompt_token_ids=start.prefix + start.prompt_tail), params))
     if requests:
         outputs = llm.generate([r[1] for r in requests], [r[2] for r in requests], use_tqdm=False)
         for (i, _, _), out in zip(requests, outputs):

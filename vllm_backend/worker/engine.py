@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-PKG = "vllm_backend"
+PKG = "vllm_backend.worker"  # where vLLM imports the worker, scheduler and proposer from, by name
 WORKERS = {"cpu": f"{PKG}.cpu_worker.BD3CPUWorker", "cuda": f"{PKG}.gpu_worker.BD3GPUWorker"}
 
 

@@ -46,8 +46,8 @@ def sampler_config(params, block_size: int) -> SamplerConfig:
     check_resume_block(extra.get(RESUME_KEY), block_size)
     temperature = 0.0 if params.temperature < 1e-5 else float(params.temperature)
     top_k = max(params.top_k or 0, 0)  # vLLM's off is 0 or -1 (and it resets top_k to 0 at temperature 0)
-    # SamplerConfig checks the algorithm, steps and threshold (ValueError naming the field).
-    return SamplerConfig(algorithm=extra.get("algorithm", "first_hitting"),
-                         max_new_tokens=max(params.max_tokens or 1, 1), temperature=temperature,
-                         top_p=float(params.top_p), top_k=top_k, steps=extra.get("steps"),
-                         threshold=extra.get("threshold", 0.9))
+    # SamplerConfig checks the algorithm (any registered sampler), steps and threshold (ValueError naming the
+    # field); a key the request leaves out keeps SamplerConfig's default.
+    given = {k: extra[k] for k in ("algorithm", "steps", "threshold") if k in extra}
+    return SamplerConfig(max_new_tokens=max(params.max_tokens or 1, 1), temperature=temperature,
+                         top_p=float(params.top_p), top_k=top_k, **given)

@@ -44,16 +44,17 @@ class TopLogprobsRecorder(BlockRecorder):
         self.top_logprobs = torch.full((b, size, self.k), -float("inf"), dtype=torch.float64, device=block.device)
         self.rank = torch.ones(b, size, dtype=torch.long, device=block.device)
 
-    def step(self, logits, masked, reveal, tokens, passes, grid, t, s, where=None, probs=None) -> None:
-        super().step(logits, masked, reveal, tokens, passes, grid, t, s, where, probs)
-        tok = tokens[reveal][:, None]  # (n, 1)
+    def step(self, logits, masked, result, passes, grid, t, s) -> None:
+        super().step(logits, masked, result, passes, grid, t, s)
+        reveal = result.reveal
+        tok = result.tokens[reveal][:, None]  # (n, 1)
         if self.raw:
             dist = raw_log_probs(logits[reveal], self.mask_id)  # (n, V)
         elif self.config.temperature == 0:  # greedy: a point mass on the revealed (argmax) token
             dist = torch.full((len(tok), logits.shape[-1]), -float("inf"), dtype=torch.float64, device=logits.device)
             dist.scatter_(-1, tok, 0.0)
         else:
-            dist = probs[reveal[where]].log()  # the sampler's own distributions: no second softmax
+            dist = result.probs[reveal[result.scored]].log()  # the sampler's own distributions: no second softmax
         self.rank[reveal] = (dist >= dist.gather(-1, tok)).sum(dim=-1)
         if self.k:
             values, ids = dist.topk(min(self.k, dist.shape[-1]), dim=-1)
