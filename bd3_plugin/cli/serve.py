@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from bd3_plugin.cli.common import UsageError, checkpoint_arg, subparser
+from bd3_plugin.cli.common import UsageError, checkpoint_arg, subparser, user_input
 
 
 def add_parser(sub) -> None:
@@ -34,5 +34,6 @@ def run(args) -> dict:
         from vllm_backend.server.serve import exec_server
     except ImportError as err:
         raise UsageError(f"vLLM is not installed ({err}); install bd3-plugin[cpu] or bd3-plugin[gpu]") from None
-    exec_server(checkpoint, args.host, args.port, args.max_model_len, extra)
+    with user_input():  # a flag given twice, to bd3 serve and to vllm serve
+        exec_server(checkpoint, args.host, args.port, args.max_model_len, extra)
     return {}
