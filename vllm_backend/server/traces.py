@@ -25,7 +25,7 @@ from bd3_plugin.sampling.greedy_completion import completion_start
 from bd3_plugin.sampling.trajectory import Trajectory
 
 from vllm_backend.worker.params import RESUME_KEY, TRACE_KEY, TRACE_PREFIX
-from vllm_backend.server.validate import _authenticated, _error, _is_bd3
+from vllm_backend.server.validate import _authenticated, _is_bd3, error_response
 
 if TYPE_CHECKING:
     import vllm
@@ -123,11 +123,11 @@ async def attach_trajectories(request, call_next):
     if not _asks(body):
         return await call_next(request)
     if body["vllm_xargs"][TRACE_KEY] is not True:
-        return _error(NOT_BOOL.format(body["vllm_xargs"][TRACE_KEY]), TRACE_KEY)
+        return error_response(NOT_BOOL.format(body["vllm_xargs"][TRACE_KEY]), TRACE_KEY)
     if body.get("stream"):
-        return _error(NO_STREAM, TRACE_KEY)
+        return error_response(NO_STREAM, TRACE_KEY)
     if request.url.path == ROUTES[0] and _several_prompts(body.get("prompt")):
-        return _error(ONE_PROMPT, TRACE_KEY)
+        return error_response(ONE_PROMPT, TRACE_KEY)
     key, asked_ids = new_key(), bool(body.get("return_token_ids"))
     body["vllm_xargs"][TRACE_KEY] = key
     body["return_token_ids"] = True  # the choices' token counts: where vLLM stopped each one

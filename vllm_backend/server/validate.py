@@ -65,7 +65,8 @@ class BD3RequestValidator(LogitsProcessor):
         pass
 
 
-def _error(message: str, param: str | None = None):
+def error_response(message: str, param: str | None = None):
+    """A 400 in vLLM's error shape, naming the field `param` where one can be named."""
     from fastapi.responses import JSONResponse
 
     return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}},
@@ -90,18 +91,18 @@ async def check_request(request, call_next):
     try:
         refused = fields.body_refusal(parsed)
         if refused is not None:
-            return _error(refused[1], refused[0])
+            return error_response(refused[1], refused[0])
         params = parsed.to_sampling_params(_max_tokens(parsed), _defaults(request.app.state))
         refused = fields.refusal(params)
         if refused is not None:
-            return _error(refused[1], refused[0])
+            return error_response(refused[1], refused[0])
         hf = vllm_config.model_config.hf_config
         sampler_config(params, hf.block_size)
         check_resume_block((params.extra_args or {}).get(RESUME_KEY), hf.block_size, hf.vocab_size)
         if route == "completion" and parsed.stream:
             _check_lengths(request.app.state, body, vllm_config.model_config.max_model_len)
     except (ValueError, TypeError, VLLMClientError) as err:  # vLLM's own checks of SamplingParams included
-        return _error(str(err), getattr(err, "parameter", None))
+        return error_response(str(err), getattr(err, "parameter", None))
     return await call_next(request)
 
 

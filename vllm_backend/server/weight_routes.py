@@ -7,6 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
+from vllm_backend.server.validate import error_response
 from vllm_backend.worker.weights import (NO_EXTENSION, WeightUpdateError, check_version, missing_extension,
                                          bd3_config, check_source)
 
@@ -14,14 +15,6 @@ UPDATE_ROUTE = "/bd3/update_weights"
 INFO_ROUTE = "/bd3/weight_info"
 
 _UPDATE_LOCK: asyncio.Lock | None = None  # one update at a time; made on the server's event loop
-
-
-def _error(message: str, status: int = 400):
-    from fastapi.responses import JSONResponse
-
-    kind = "BadRequestError" if status == 400 else "InternalServerError"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status)
 
 
 def parse_update_request(body: bytes) -> tuple[str, str]:
@@ -60,7 +53,7 @@ async def weight_routes(request, call_next):
         path, version = parse_update_request(await request.body())
         check_source(path, bd3_config(vllm_config))
     except (ValueError, WeightUpdateError) as err:  # CheckpointError is a ValueError
-        return _error(str(err))
+        return error_response(str(err))
     return await _update(request.app.state.engine_client, str(Path(path).expanduser().resolve()), version)
 
 
@@ -76,7 +69,7 @@ async def _update(engine, path: str, version: str):
             counts = await engine.collective_rpc("bd3_update_weights", args=(path,))
             await engine.update_weight_version(version)
         except Exception as err:  # the worker's strict check (a file changed since the front end read it)
-            return _error(NO_EXTENSION if missing_extension(err) else _rpc_message(err))
+            return error_response(NO_EXTENSION if missing_extension(err) else _rpc_message(err))
         finally:
             await engine.resume_generation()
     return JSONResponse({"weight_version": version, "tensors": counts[0]})
