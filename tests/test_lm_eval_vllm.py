@@ -14,7 +14,7 @@ from bd3_plugin.tinyworld.grammar import Source, text_words
 
 pytest.importorskip("vllm")
 from vllm_backend.server.validate import LOGLIKELIHOOD_HINT  # noqa: E402
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[1]
 LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

@@ -14,7 +14,7 @@ from bd3_plugin.tinyworld.data import checkpoint_path
 from ray_jobs.plan import Unit, plan, status
 from ray_jobs.unit import run_unit
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 SWEEP = str(Path(sys.executable).with_name("bd3-sweep"))
 CKPTS = [str(checkpoint_path(1)), str(checkpoint_path(4))]
 TASKS = ["synthetic_ppl", "synthetic_mc"]

@@ -133,6 +133,7 @@ def _one_line_error(r, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.cli
 def test_cli_runs_on_the_tiny_world_and_refuses_bad_input(tmp_path):
     out = tmp_path / "run"
     r = bd3("--iterations", 1, "--out", out, "--prompts", 2, "--group", 2, "--steps-per-rollout", 2,
@@ -157,6 +158,7 @@ def test_cli_runs_on_the_tiny_world_and_refuses_bad_input(tmp_path):
                     "tokenizer is not the tiny world's")
 
 
+@pytest.mark.engine
 def test_vllm_engine_rollouts_replay_under_the_updated_weights(tmp_path):
     """Rollouts served by vLLM, weights updated in place after every step: the core scorer, holding the
     trainer's weights, must reproduce each iteration's rollout log-probs (iteration 2's came from the

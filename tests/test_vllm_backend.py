@@ -33,7 +33,7 @@ def run_engine(checkpoint, prompts, max_model_len=128):
     return json.loads(lines[-1][len("RESULTS "):])
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_engine_matches_the_core_sampler_token_for_token(block_size):
     ckpt = load_checkpoint(checkpoint_path(block_size))

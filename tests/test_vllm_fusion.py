@@ -57,7 +57,7 @@ def max_error(ckpt, request: dict, tokens: list[int], calls: list[dict]) -> list
     return errors
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_fused_first_pass_writes_the_clean_kv_of_the_previous_block(tmp_path):
     """Every logits call of a request, first pass of a step or a pass over its block alone, equals the
     core's block-causal forward over the clean sequence within 1e-5 (relative to the largest logit): the previous block's K/V in the
@@ -78,7 +78,7 @@ def test_fused_first_pass_writes_the_clean_kv_of_the_previous_block(tmp_path):
         assert later and min(later) > 1e-4, later
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_first_hitting_needs_one_pass_per_token_and_no_pass_after_the_last_block(tmp_path):
     """First-hitting reveals one token per pass: after the prompt's prefill (one pass), a request needs
     exactly one pass per masked slot it decodes, so one per token when it ends on a block boundary; a
@@ -100,7 +100,7 @@ def test_first_hitting_needs_one_pass_per_token_and_no_pass_after_the_last_block
             assert got["passes"] == 1 + request["max_tokens"]
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_mixed_steps_stay_token_identical_to_the_core(tmp_path):
     """A small token budget puts one request's prefill chunks beside another's block steps, and three
     sampler settings put several sampler groups in one step; every request still gets the core's tokens.

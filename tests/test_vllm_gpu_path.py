@@ -226,7 +226,7 @@ def test_budgets_that_cannot_hold_whole_blocks_are_refused_at_start_up(kw, flag)
     _args(max_num_batched_tokens=10, max_model_len=128).create_engine_config()  # 10 at L' = 4 is fine
 
 
-@pytest.mark.slow
+@pytest.mark.cli
 def test_vllm_serve_prints_one_line_for_a_refusal():
     from pathlib import Path
 
@@ -262,7 +262,7 @@ print("RESULT " + json.dumps({"plugin": "BD3LM" in ModelRegistry.get_supported_a
 """
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_a_stock_llama_gives_the_same_greedy_tokens_with_and_without_the_plugin(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -28,7 +28,7 @@ def long_prompts(ckpt, max_tokens: int) -> list[list[int]]:
     return [ids[7 * i : 7 * i + n] for i, n in enumerate(lengths)]
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 @pytest.mark.parametrize("block_size, budget, kv_pages", [(4, 42, 10), (16, 50, 6), (4, 10, None)])
 def test_tokens_equal_the_core_under_chunked_prefill_and_preemption(block_size, budget, kv_pages):
     assert budget % block_size  # chunks cut by the budget alone would end inside blocks

@@ -15,7 +15,7 @@ from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
 from servers import start, stop
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.server
 BD3 = str(Path(sys.executable).with_name("bd3"))
 KEY = "bd3-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -23,7 +23,7 @@ from bd3_plugin.rl.trajectory_scoring import score_trajectory
 from helpers import assert_close
 from servers import start, stop
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.engine, pytest.mark.server]
 WORKER = Path(__file__).with_name("vllm_traces_worker.py")
 BD3 = str(Path(sys.executable).with_name("bd3"))
 # Prompt lengths 4, 6, 1, 12 at L' = 4: on a block boundary and inside a block.

@@ -103,7 +103,7 @@ def test_update_request_body_is_strict():
             parse_update_request(body)
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_update_equals_a_fresh_engine_on_the_new_checkpoint(runs):
     fresh, updated = runs
     assert updated["new"] != updated["before"]  # the perturbation changes the tokens
@@ -112,7 +112,7 @@ def test_update_equals_a_fresh_engine_on_the_new_checkpoint(runs):
     assert updated["old_file_state"] == updated["before"]  # and back to the starting weights
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_bad_update_names_every_tensor_and_keeps_the_old_weights(runs, ckpts):
     _, updated = runs
     errors = updated["errors"]
@@ -126,13 +126,13 @@ def test_bad_update_names_every_tensor_and_keeps_the_old_weights(runs, ckpts):
     assert updated["after_bad"] == updated["before"]
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_version_labels(runs):
     _, updated = runs
     assert updated["versions"] == ["default", "default", "new", "old_file_state", "new_file_state"]
 
 
-@pytest.mark.slow
+@pytest.mark.engine
 def test_engine_in_other_processes(runs, runs_mp, ckpts):
     fresh, updated = runs
     assert runs_mp["before"] == updated["before"]
@@ -168,7 +168,7 @@ def served_tokens(base, prompts):
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_server_update_route(server, runs, ckpts):
     from vllm_backend.worker.weights import WeightUpdateError
     from vllm_backend.server.weight_routes import server_weight_version, update_server_weights
