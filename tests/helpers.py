@@ -103,3 +103,16 @@ def naive_sample(model: BD3LM, prompt: list[int], config, seed: int, n_new: int)
         out += block[tail:]
         seq, block, tail = seq + block, [mask_id] * size, 0
     return out[:n_new], passes
+
+
+
+def run_lm_eval(*args, cwd, timeout: float = 900):
+    """The `lm_eval` command in a subprocess, offline, in `cwd`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([str(Path(sys.executable).with_name("lm_eval")), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)

@@ -12,34 +12,40 @@ import pytest
 import requests
 
 
+LAUNCHED: list = []  # (process, log) of every server started, for the session's end to stop those still up
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start(argv, log_dir):
-    """Start a server process (`argv(port)`); returns (process, base url, log file) once /health answers."""
+def launch(argv, log_dir):
+    """Start a server process (`argv(port)`) without waiting for it: (process, base url, log file)."""
     port = free_port()
-    log = (log_dir / "server.log").open("w")
+    log = (Path(log_dir) / "server.log").open("w")
     proc = subprocess.Popen(argv(port), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    LAUNCHED.append((proc, log))
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def wait_healthy(proc, base, log, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
     while time.time() < deadline:
         assert proc.poll() is None, Path(log.name).read_text()[-3000:]
         try:
             if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                break
+                return
         except requests.ConnectionError:
             pass
         time.sleep(1)
-    else:
-        pytest.fail("server did not become healthy")
-    return proc, base, log
+    pytest.fail("server did not become healthy")
 
 
 def stop(proc, log) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # stop it by its PID (and its engine process)
-    proc.wait(timeout=60)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # stop it by its PID (and its engine process)
+        proc.wait(timeout=60)
     log.close()

@@ -76,6 +76,7 @@ def test_bad_flags_end_with_one_line(argv, message):
     assert text.startswith("bench_vllm.py: ") and message in text and "\n" not in text
 
 
+@pytest.mark.cli
 def test_bad_flag_from_the_command_line_is_one_line_and_no_traceback():
     out = subprocess.run([sys.executable, str(BENCH / "bench_vllm.py"), "--only", "copy", "--requests", "300"],
                          capture_output=True, text=True, timeout=120)

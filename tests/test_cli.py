@@ -1,20 +1,36 @@
+"""`bd3 info | nelbo | sample` against the library, and each user's mistake as one line and exit status 2.
+
+The commands run in this process through `main(argv)` (what the console script calls); one test runs the
+installed `bd3` console script itself."""
 import json
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from bd3_plugin.cli.main import main
 from bd3_plugin.core.checkpoint import load_checkpoint, save_checkpoint
 from bd3_plugin.likelihood.estimators import Estimator
 from bd3_plugin.likelihood.scoring import report, score_documents
 from helpers import random_model, tiny_config, word_tokenizer
 
 TEXT = "the cat sees a dog . the big dog runs over the tree , and a small bird sleeps . " * 3
+BD3 = str(Path(sys.executable).with_name("bd3"))
 
 
-def bd3(*args):
-    return subprocess.run([sys.executable, "-m", "bd3_plugin.cli.main", *map(str, args)], capture_output=True, text=True)
+@pytest.fixture
+def bd3(capsys):
+    """`bd3 ARGS` in this process: its exit status, stdout and stderr."""
+    def run(*args):
+        capsys.readouterr()  # what earlier calls printed
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +40,16 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def test_info(ckpt):
-    r = bd3("info", ckpt, "--json")
+@pytest.mark.cli
+def test_info_through_the_console_script(ckpt):
+    r = subprocess.run([BD3, "info", str(ckpt), "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert (info["block_size"], info["model_length"], info["mask_id"]) == (4, 32, 22)
     assert "model.safetensors" in info["files"] and "tokenizer.json" in info["files"]
 
 
-def test_nelbo_matches_the_library(ckpt, tmp_path):
+def test_nelbo_matches_the_library(bd3, ckpt, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     r = bd3("nelbo", ckpt, "--text-file", text, "--mc-samples", 3, "--seed", 4, "--json")
@@ -47,7 +64,7 @@ def test_nelbo_matches_the_library(ckpt, tmp_path):
     assert out["mc_stderr"] > 0
 
 
-def test_nelbo_estimators(ckpt, tmp_path):
+def test_nelbo_estimators(bd3, ckpt, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)
     c = load_checkpoint(ckpt)
@@ -61,7 +78,7 @@ def test_nelbo_estimators(ckpt, tmp_path):
     assert a["nll_per_token"] == b["nll_per_token"] and a["estimator"] == "auto/16" and a["mc_stderr"] is None
 
 
-def test_sample(ckpt):
+def test_sample(bd3, ckpt):
     r = bd3("sample", ckpt, "--prompt", "the cat", "--max-new-tokens", 9, "--algorithm", "threshold",
             "--num-samples", 2, "--seed", 1, "--json")
     assert r.returncode == 0, r.stderr
@@ -75,7 +92,7 @@ def test_sample(ckpt):
     assert again["samples"] == out["samples"]
 
 
-def test_sample_top_k_reaches_the_sampler(ckpt):
+def test_sample_top_k_reaches_the_sampler(bd3, ckpt):
     """--top-k 1 makes every threshold proposal certain (probability 1 after the filter), so the text is the
     core's with top_k 1 whatever the random draws."""
     from bd3_plugin.sampling.config import SamplerConfig
@@ -98,7 +115,7 @@ def _one_line_error(r, needle):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
-def test_bad_input_gives_one_line(ckpt, tmp_path):
+def test_bad_input_gives_one_line(bd3, ckpt, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     _one_line_error(bd3("nelbo", ckpt, "--text-file", tmp_path / "nope.txt"), "no such text file")

@@ -9,6 +9,8 @@ from bd3_plugin.tinyworld.copying import CopyConfig, CopySource, copy_corpus
 from bd3_plugin.tinyworld.data import (COPY_HELDOUT, COPY_HELDOUT_SEED, copy_stream_ids, read_copy_heldout,
     write_copy_heldout)
 from bd3_plugin.tinyworld.grammar import EOS, build_tokenizer
+from early import early_fixture
+from helpers import run_lm_eval
 
 SMALL = CopyConfig(n_words=3, separator=("=",), alphabet=("a", "b", "c"))
 VOCAB = ("a", "b", "c", "=", EOS)
@@ -113,24 +115,27 @@ def test_config_is_validated():
         CopyConfig(alphabet=("a", "a"))
 
 
-def test_copy_gen_task_through_the_lm_eval_cli(tmp_path):
-    """The real `lm_eval` command with the threshold sampler on the bundled L' = 16 checkpoint: the task's
-    `exact` equals the correctness of the logged completions checked here against the held-out answers."""
-    import json
-    import os
-    import subprocess
-    import sys
+@early_fixture
+def copy_gen_run(folder):
+    """`lm_eval` with the threshold sampler on the bundled L' = 16 copy checkpoint, run early (tests/early.py)."""
     from pathlib import Path
 
     from bd3_plugin.tinyworld.data import copy_checkpoint_path
 
     root = Path(__file__).resolve().parents[1]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([str(Path(sys.executable).with_name("lm_eval")), "--model", "bd3", "--model_args",
-                        f"pretrained={copy_checkpoint_path(16)},algorithm=threshold,threshold=0.9",
-                        "--tasks", "copy_gen", "--include_path", str(root / "lm_eval_tasks"), "--limit", "8",
-                        "--batch_size", "8", "--output_path", str(tmp_path), "--log_samples"],
-                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    return folder, run_lm_eval("--model", "bd3", "--model_args",
+                               f"pretrained={copy_checkpoint_path(16)},algorithm=threshold,threshold=0.9",
+                               "--tasks", "copy_gen", "--include_path", root / "lm_eval_tasks", "--limit", 8,
+                               "--batch_size", 8, "--output_path", folder, "--log_samples", cwd=folder)
+
+
+@pytest.mark.cli
+def test_copy_gen_task_through_the_lm_eval_cli(copy_gen_run):
+    """The real `lm_eval` command: the task's `exact` equals the correctness of the logged completions checked
+    here against the held-out answers."""
+    import json
+
+    tmp_path, r = copy_gen_run
     assert r.returncode == 0, r.stderr[-3000:]
     exact = json.loads(next(tmp_path.rglob("results_*.json")).read_text())["results"]["copy_gen"]["exact,none"]
     samples = [json.loads(line) for f in tmp_path.rglob("samples_copy_gen_*.jsonl") for line in f.open()]

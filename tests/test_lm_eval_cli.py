@@ -1,37 +1,37 @@
-"""The real `lm_eval` command with `--model bd3` on a bundled checkpoint and the local synthetic tasks."""
+"""The real `lm_eval` command with `--model bd3` on a bundled checkpoint and the local synthetic tasks; both runs
+start early (tests/early.py)."""
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bd3_plugin.tinyworld.data import HELDOUT, checkpoint_path, read_heldout
+from early import early_fixture
+from helpers import run_lm_eval
 
 ROOT = Path(__file__).resolve().parents[1]
-LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
-ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def lm_eval(*args, cwd):
-    return subprocess.run([LM_EVAL, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=ENV,
-                          timeout=900)
+@early_fixture
+def lm_eval_run(folder):
+    """One `lm_eval --model bd3` run, three tasks, started early (tests/early.py)."""
+    return folder, run_lm_eval("--model", "bd3", "--model_args", f"pretrained={checkpoint_path(4)},mc_samples=4",
+                               "--tasks", "synthetic_ppl,synthetic_mc,synthetic_gen", "--include_path",
+                               ROOT / "lm_eval_tasks", "--limit", 100, "--batch_size", 16, "--output_path", folder,
+                               "--log_samples", cwd=folder)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm_eval")
-    r = lm_eval("--model", "bd3", "--model_args", f"pretrained={checkpoint_path(4)},mc_samples=4",
-                "--tasks", "synthetic_ppl,synthetic_mc,synthetic_gen", "--include_path", ROOT / "lm_eval_tasks",
-                "--limit", 100, "--batch_size", 16, "--output_path", out, "--log_samples", cwd=out)
+def results(lm_eval_run):
+    out, r = lm_eval_run
     assert r.returncode == 0, r.stderr[-3000:]
     files = sorted(out.rglob("results_*.json"))
     assert files, r.stdout[-2000:]
     return json.loads(files[-1].read_text())["results"], r.stdout, out
 
 
+@pytest.mark.cli
 def test_perplexity_task_reports_the_bound_next_to_the_truth(results):
     res, stdout, out = results
     ppl = res["synthetic_ppl"]
@@ -52,17 +52,25 @@ def test_perplexity_task_reports_the_bound_next_to_the_truth(results):
     assert "synthetic_ppl" in stdout and "word_perplexity" in stdout
 
 
+@pytest.mark.cli
 def test_multiple_choice_beats_chance(results):
     assert results[0]["synthetic_mc"]["acc,none"] >= 0.65
 
 
+@pytest.mark.cli
 def test_generations_are_mostly_valid(results):
     assert results[0]["synthetic_gen"]["valid,none"] >= 0.5
 
 
-def test_bad_model_args_are_one_line(tmp_path):
-    r = lm_eval("--model", "bd3", "--model_args", f"pretrained={checkpoint_path(4)},foo=1", "--tasks", "synthetic_ppl",
-                "--include_path", ROOT / "lm_eval_tasks", "--limit", 2, cwd=tmp_path)
+@early_fixture
+def bad_model_args_run(folder):
+    return run_lm_eval("--model", "bd3", "--model_args", f"pretrained={checkpoint_path(4)},foo=1", "--tasks",
+                       "synthetic_ppl", "--include_path", ROOT / "lm_eval_tasks", "--limit", 2, cwd=folder)
+
+
+@pytest.mark.cli
+def test_bad_model_args_are_one_line(bad_model_args_run):
+    r = bad_model_args_run
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: bd3 model_args: unknown key(s) foo")

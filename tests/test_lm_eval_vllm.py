@@ -1,5 +1,6 @@
 """The real `lm_eval --model vllm` on a bundled BD3 checkpoint: generation tasks run through vLLM's engine;
-a loglikelihood task ends the run with one line that points to `--model bd3`."""
+a loglikelihood task ends the run with one line that points to `--model bd3`. Both runs start early
+(tests/early.py)."""
 import json
 import os
 import subprocess
@@ -11,10 +12,11 @@ import pytest
 from bd3_plugin.core.checkpoint import load_checkpoint
 from bd3_plugin.tinyworld.data import checkpoint_path
 from bd3_plugin.tinyworld.grammar import Source, text_words
+from early import early_fixture
 
 pytest.importorskip("vllm")
 from vllm_backend.server.validate import LOGLIKELIHOOD_HINT  # noqa: E402
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.cli]
 ROOT = Path(__file__).resolve().parents[1]
 LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -28,9 +30,19 @@ def lm_eval_vllm(*args, cwd):
                           env=ENV, timeout=600)
 
 
-def test_generation_task_runs_through_the_engine(tmp_path):
-    r = lm_eval_vllm("--tasks", "synthetic_gen", "--limit", 6, "--output_path", tmp_path, "--log_samples",
-                     cwd=tmp_path)
+@early_fixture
+def generation_run(folder):
+    return folder, lm_eval_vllm("--tasks", "synthetic_gen", "--limit", 6, "--output_path", folder, "--log_samples",
+                                cwd=folder)
+
+
+@early_fixture
+def loglikelihood_run(folder):
+    return lm_eval_vllm("--tasks", "synthetic_mc", "--limit", 2, cwd=folder)
+
+
+def test_generation_task_runs_through_the_engine(generation_run):
+    tmp_path, r = generation_run
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(sorted(tmp_path.rglob("results_*.json"))[-1].read_text())
     assert results["config"]["model"] == "vllm"
@@ -46,8 +58,8 @@ def test_generation_task_runs_through_the_engine(tmp_path):
     assert results["results"]["synthetic_gen"]["valid,none"] == pytest.approx(sum(valid) / len(valid))
 
 
-def test_loglikelihood_task_ends_with_one_line_pointing_to_the_bd3_model(tmp_path):
-    r = lm_eval_vllm("--tasks", "synthetic_mc", "--limit", 2, cwd=tmp_path)
+def test_loglikelihood_task_ends_with_one_line_pointing_to_the_bd3_model(loglikelihood_run):
+    r = loglikelihood_run
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     lines = r.stderr.splitlines()

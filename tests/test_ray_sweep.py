@@ -1,24 +1,32 @@
-"""`bd3-sweep` on a local Ray instance: the merged table, a killed worker, an interrupted sweep, bad input."""
+"""`bd3-sweep` on a local Ray instance: the merged table of a sweep in which a worker was killed, an interrupted
+sweep, bad input (the mistakes caught before Ray starts are checked through `main(argv)` in this process)."""
 import csv
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from bd3_plugin.tinyworld.data import checkpoint_path
+from early import early_fixture
+from ray_jobs.cli import main
 from ray_jobs.plan import Unit, plan, status
 from ray_jobs.unit import run_unit
 
-pytestmark = pytest.mark.cluster
 SWEEP = str(Path(sys.executable).with_name("bd3-sweep"))
 CKPTS = [str(checkpoint_path(1)), str(checkpoint_path(4))]
 TASKS = ["synthetic_ppl", "synthetic_mc"]
 COMMON = ["--tasks", *TASKS, "--limit", "8", "--num-cpus", "2", "--model-args", "mc_samples=2"]
+
+
+# The sweeps start early, in background threads (tests/early.py); one at a time, so that each driver starts its
+# own local Ray instance beside no other.
+ONE_SWEEP = threading.Lock()
 
 
 def sweep(out, *extra, checkpoints=CKPTS, popen=False):
@@ -43,22 +51,6 @@ def table(out):
         return {(r["checkpoint"], r["task"], r["metric"]): r for r in csv.DictReader(f)}
 
 
-def test_sweep_table_equals_the_units_run_without_ray(tmp_path):
-    r = sweep(tmp_path / "ray")
-    assert r.returncode == 0, r.stderr[-3000:]
-    merged = table(tmp_path / "ray")
-    for unit in units():
-        plain = run_unit(unit, tmp_path / "plain")  # the same function, no Ray
-        assert plain["status"] == "ok"
-        for m in plain["metrics"]:
-            row = merged[(Path(unit.checkpoint).name, m["task"], m["metric"])]
-            assert float(row["value"]) == pytest.approx(m["value"], rel=1e-9)
-            assert int(row["block_size"]) == plain["block_size"]
-    assert (tmp_path / "ray" / "results.md").read_text().startswith("| checkpoint | block_size |")
-    assert (tmp_path / "ray" / "plot.png").stat().st_size > 1000
-    assert "word_perplexity" in r.stdout and "true_word_perplexity" in r.stdout
-
-
 def wait_for(predicate, seconds=300):
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -69,50 +61,115 @@ def wait_for(predicate, seconds=300):
     pytest.fail("timed out")
 
 
-def test_a_killed_worker_is_retried_and_nothing_is_recomputed(tmp_path):
-    out = tmp_path / "sweep"
-    proc = sweep(out, popen=True)
-    first = wait_for(lambda: next((u for u in units() if attempts(out, u)), None))
-    pid = int(next((first.result_path(out).parent / "attempts").iterdir()).name.rsplit("-", 1)[1])
-    os.kill(pid, signal.SIGKILL)  # the worker dies in the middle of its unit
-    _, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-3000:]
+@early_fixture
+def killed_sweep(folder):
+    """One sweep whose first worker to start a unit is killed in the middle of it: (out folder, the killed
+    unit, stdout, stderr, exit status). Run early (tests/early.py), as are the other sweeps."""
+    out = folder / "sweep"
+    with ONE_SWEEP:
+        proc = sweep(out, popen=True)
+        try:
+            first = wait_for(lambda: next((u for u in units() if attempts(out, u)), None))
+            pid = int(next((first.result_path(out).parent / "attempts").iterdir()).name.rsplit("-", 1)[1])
+            os.kill(pid, signal.SIGKILL)  # the worker dies in the middle of its unit
+            stdout, stderr = proc.communicate(timeout=900)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return out, first, stdout, stderr, proc.returncode
+
+
+@pytest.mark.cluster
+@pytest.mark.cli
+def test_a_killed_worker_is_retried_and_nothing_is_recomputed(killed_sweep):
+    out, first, _, err, returncode = killed_sweep
+    assert returncode == 0, err[-3000:]
     assert all(status(u, out) == "done" for u in units())
     assert attempts(out, first) == 2 and all(attempts(out, u) == 1 for u in units() if u != first)
     assert len([k for k in table(out) if k[2] in ("word_perplexity", "acc")]) == 4
 
 
-def test_an_interrupted_sweep_finishes_only_the_missing_units(tmp_path):
-    out = tmp_path / "sweep"
-    proc = sweep(out, "--num-cpus", "1", popen=True)
-    wait_for(lambda: any(status(u, out) == "done" for u in units()))
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: the driver stops and takes its local Ray instance down
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err
-    finished = [u for u in units() if status(u, out) == "done"]
+@pytest.mark.cluster
+@pytest.mark.cli
+def test_sweep_table_equals_the_units_run_without_ray(killed_sweep, tmp_path):
+    out, _, stdout, err, returncode = killed_sweep
+    assert returncode == 0, err[-3000:]
+    merged = table(out)
+    for unit in units():
+        plain = run_unit(unit, tmp_path / "plain")  # the same function, no Ray
+        assert plain["status"] == "ok"
+        for m in plain["metrics"]:
+            row = merged[(Path(unit.checkpoint).name, m["task"], m["metric"])]
+            assert float(row["value"]) == pytest.approx(m["value"], rel=1e-9)
+            assert int(row["block_size"]) == plain["block_size"]
+    assert (out / "results.md").read_text().startswith("| checkpoint | block_size |")
+    assert (out / "plot.png").stat().st_size > 1000
+    assert "word_perplexity" in stdout and "true_word_perplexity" in stdout
+
+
+@early_fixture
+def interrupted_sweep(folder):
+    """A sweep on one CPU stopped by Ctrl-C once a unit is done, then the same command again."""
+    out = folder / "sweep"
+    with ONE_SWEEP:
+        proc = sweep(out, "--num-cpus", "1", popen=True)
+        try:
+            wait_for(lambda: any(status(u, out) == "done" for u in units()))
+            proc.send_signal(signal.SIGINT)  # Ctrl-C: the driver stops and takes its local Ray instance down
+            _, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        finished = [u for u in units() if status(u, out) == "done"]
+        before = {u.key: u.result_path(out).stat().st_mtime_ns for u in finished}
+        return out, proc.returncode, err, finished, before, sweep(out)
+
+
+@pytest.mark.cluster
+@pytest.mark.cli
+def test_an_interrupted_sweep_finishes_only_the_missing_units(interrupted_sweep):
+    out, returncode, err, finished, before, r = interrupted_sweep
+    assert returncode == 130 and "interrupted" in err
     assert 0 < len(finished) < 4
-    before = {u.key: u.result_path(out).stat().st_mtime_ns for u in finished}
-    r = sweep(out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(status(u, out) == "done" for u in units())
     assert all(u.result_path(out).stat().st_mtime_ns == before[u.key] and attempts(out, u) == 1 for u in finished)
     assert f"{len(units()) - len(finished)} run now" in r.stderr
 
 
-def test_bad_input(tmp_path):
-    not_bd3 = tmp_path / "llama"
+@early_fixture
+def bad_checkpoints_sweep(folder):
+    not_bd3 = folder / "llama"
     not_bd3.mkdir()
     (not_bd3 / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    out = tmp_path / "sweep"
-    r = sweep(out, checkpoints=[str(tmp_path / "missing"), str(not_bd3), CKPTS[1]])
+    out = folder / "sweep"
+    with ONE_SWEEP:
+        return out, sweep(out, checkpoints=[str(folder / "missing"), str(not_bd3), CKPTS[1]])
+
+
+@pytest.mark.cluster
+@pytest.mark.cli
+def test_bad_checkpoints_fail_their_units_and_the_others_run(bad_checkpoints_sweep):
+    out, r = bad_checkpoints_sweep
     assert r.returncode == 1  # some units failed; the others ran
     rows = table(out)
     assert rows[("missing", "synthetic_ppl", "error")]["value"].startswith("CheckpointError: no checkpoint folder")
     assert "not a BD3-LM config" in rows[("llama", "synthetic_mc", "error")]["value"]
     assert rows[("tiny-bd3-L4", "synthetic_ppl", "word_perplexity")]["status"] == "ok"
 
-    r = sweep(tmp_path / "x", "--tasks", "synthetic_ppl,no_such_task")
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
-        "bd3-sweep: error: unknown task(s): no_such_task (not in lm-eval or lm_eval_tasks/)"
-    r = sweep(tmp_path / "y", "--address", "127.0.0.1:1")
-    assert r.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in r.stderr.strip().splitlines()[-1]
+
+def one_line_error(capsys, argv) -> str:
+    """`bd3-sweep ARGV` through `main` in this process: exit status 2 and one line on stderr, returned."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_input_before_ray_starts_is_one_line(capsys, tmp_path):
+    argv = ["--checkpoints", *CKPTS, *COMMON]
+    line = one_line_error(capsys, [*argv, "--out", str(tmp_path / "x"), "--tasks", "synthetic_ppl,no_such_task"])
+    assert line == "bd3-sweep: error: unknown task(s): no_such_task (not in lm-eval or lm_eval_tasks/)"
+    line = one_line_error(capsys, [*argv, "--out", str(tmp_path / "y"), "--address", "127.0.0.1:1"])
+    assert line.startswith("bd3-sweep: error: cannot reach the Ray cluster at 127.0.0.1:1")

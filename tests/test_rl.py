@@ -1,11 +1,11 @@
 import copy
 import json
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from bd3_plugin.cli.main import main
 from bd3_plugin.core.checkpoint import load_checkpoint, save_checkpoint
 from bd3_plugin.sampling.config import SamplerConfig
 from bd3_plugin.sampling.generate import generate
@@ -122,19 +122,25 @@ def test_loop_raises_the_reward_and_rollouts_replay_exactly(tmp_path):
     assert freq(start) < 0.2 and freq(final) > 0.9, (freq(start), freq(final), rewards)
 
 
-def bd3(*args):
-    return subprocess.run([sys.executable, "-m", "bd3_plugin.cli.main", "rl", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+@pytest.fixture
+def bd3(capsys):
+    """`bd3 rl ARGS` in this process (what the console script calls): exit status, stdout and stderr."""
+    def run(*args):
+        capsys.readouterr()
+        rc = main(["rl", *map(str, args)])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+    return run
 
 
 def _one_line_error(r, needle):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("bd3 rl: error: "), r.stderr
 
 
-@pytest.mark.cli
-def test_cli_runs_on_the_tiny_world_and_refuses_bad_input(tmp_path):
+def test_cli_runs_on_the_tiny_world_and_refuses_bad_input(bd3, tmp_path):
     out = tmp_path / "run"
     r = bd3("--iterations", 1, "--out", out, "--prompts", 2, "--group", 2, "--steps-per-rollout", 2,
             "--eval-every", 1, "--eval-samples", 8, "--final-samples", 8, "--anchor-weight", 0.5, "--json")
@@ -159,16 +165,16 @@ def test_cli_runs_on_the_tiny_world_and_refuses_bad_input(tmp_path):
 
 
 @pytest.mark.engine
-def test_vllm_engine_rollouts_replay_under_the_updated_weights(tmp_path):
+def test_vllm_engine_rollouts_replay_under_the_updated_weights(engines, tmp_path):
     """Rollouts served by vLLM, weights updated in place after every step: the core scorer, holding the
     trainer's weights, must reproduce each iteration's rollout log-probs (iteration 2's came from the
     engine after its first update, so this also checks that the update landed)."""
     pytest.importorskip("vllm")
     pytest.importorskip("vllm_backend.server.traces")  # the engine's trajectory helper
     out = tmp_path / "run"
-    r = bd3("--engine", "vllm", "--iterations", 2, "--out", out, "--prompts", 2, "--group", 4,
-            "--steps-per-rollout", 2, "--eval-every", 0, "--final-samples", 8, "--json")
-    assert r.returncode == 0, r.stderr[-2000:]
+    argv = ["--engine", "vllm", "--iterations", 2, "--out", out, "--prompts", 2, "--group", 4, "--steps-per-rollout",
+            2, "--eval-every", 0, "--final-samples", 8, "--json"]
+    assert engines.run("rl", {"argv": list(map(str, argv))}) == 0  # `bd3 rl` in the session's engine process
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [row["weight_version"] for row in rows] == ["rl-1", "rl-2"]
     assert all(row["max_logprob_gap"] <= 1e-5 for row in rows) and sum(row["scored_steps"] for row in rows) > 0, rows

@@ -1,9 +1,7 @@
-"""The vLLM backend against the core sampler, through vLLM's real engine (one subprocess per checkpoint)."""
+"""The vLLM backend against the core sampler, through vLLM's real engine (one engine per checkpoint, in the
+session's engine process: tests/vllm_parity_worker.py)."""
 import dataclasses
 import json
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +14,6 @@ from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
 from vllm_backend.worker.params import sampler_config
 
-WORKER = Path(__file__).with_name("vllm_parity_worker.py")
 TEXTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos>", "<eos> the wolf sees a fox . many owls sleep . the",
          "<eos> a"]
 CASES = [{"algorithm": a, "temperature": t, "max_tokens": 21, "seed": 5}
@@ -24,21 +21,13 @@ CASES = [{"algorithm": a, "temperature": t, "max_tokens": 21, "seed": 5}
 CASES.append({"algorithm": "threshold", "temperature": 1.0, "max_tokens": 21, "seed": 5, "top_k": 3})
 
 
-def run_engine(checkpoint, prompts, max_model_len=128):
-    spec = {"prompts": prompts, "cases": CASES, "max_model_len": max_model_len}
-    r = subprocess.run([sys.executable, str(WORKER), str(checkpoint), json.dumps(spec)], capture_output=True,
-                       text=True, timeout=600)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert r.returncode == 0 and lines, r.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
-
-
 @pytest.mark.engine
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_engine_matches_the_core_sampler_token_for_token(block_size):
+def test_engine_matches_the_core_sampler_token_for_token(engines, block_size):
     ckpt = load_checkpoint(checkpoint_path(block_size))
     prompts = [ckpt.encode(t) for t in TEXTS]  # lengths 1..12: every tail length of the first block
-    results = run_engine(checkpoint_path(block_size), prompts)
+    results = engines.run("parity", {"checkpoint": str(checkpoint_path(block_size)), "prompts": prompts,
+                                     "cases": CASES, "max_model_len": 128})
     for case, got in zip(CASES, results):
         cfg = SamplerConfig(algorithm=case["algorithm"], temperature=case["temperature"],
                             max_new_tokens=case["max_tokens"], stop_at_eos=False, top_k=case.get("top_k", 0))

@@ -1,12 +1,7 @@
 """No commit pass in the vLLM backend: the clean K/V of block b is written by the first pass over block b+1,
 further passes run over the denoised rows only, and a request that ends needs no extra pass. Checked
-through vLLM's real engine (one subprocess per case) against the core model's block-causal forward and
-the core sampler."""
-import json
-import subprocess
-import sys
-from pathlib import Path
-
+through vLLM's real engine (one engine per case, in the session's engine process: tests/vllm_fusion_worker.py)
+against the core model's block-causal forward and the core sampler."""
 import pytest
 import torch
 
@@ -16,15 +11,13 @@ from bd3_plugin.sampling.generate import generate
 from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
 
-WORKER = Path(__file__).with_name("vllm_fusion_worker.py")
+pytestmark = pytest.mark.engine
 TEXTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos>"]  # 4, 6 and 1 tokens: tails 0, 2 and 1
 
 
-def run_worker(tmp_path, block_size: int, spec: dict) -> list[dict]:
+def run_worker(engines, tmp_path, block_size: int, spec: dict) -> list[dict]:
     out = tmp_path / "runs.pt"
-    r = subprocess.run([sys.executable, str(WORKER), str(checkpoint_path(block_size)), json.dumps(spec), str(out)],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0 and "DONE" in r.stdout, r.stderr[-3000:]
+    engines.run("fusion", spec | {"checkpoint": str(checkpoint_path(block_size)), "out": str(out)})
     return torch.load(out)
 
 
@@ -57,20 +50,19 @@ def max_error(ckpt, request: dict, tokens: list[int], calls: list[dict]) -> list
     return errors
 
 
-@pytest.mark.engine
-def test_fused_first_pass_writes_the_clean_kv_of_the_previous_block(tmp_path):
+def test_fused_first_pass_writes_the_clean_kv_of_the_previous_block(engines, tmp_path):
     """Every logits call of a request, first pass of a step or a pass over its block alone, equals the
     core's block-causal forward over the clean sequence within 1e-5 (relative to the largest logit): the previous block's K/V in the
     paged cache is the clean one, though no pass committed it. Without the recompute it is not."""
     ckpt = load_checkpoint(checkpoint_path(4))
     runs = [[{"prompt": ckpt.encode(t), "algorithm": "first_hitting", "temperature": 1.0, "max_tokens": 13,
               "seed": 3}] for t in TEXTS]
-    fused = run_worker(tmp_path, 4, {"runs": runs})
+    fused = run_worker(engines, tmp_path, 4, {"runs": runs})
     for run, got in zip(runs, fused):
         assert got["tokens"] == [core_tokens(ckpt, run[0])]
         errors = max_error(ckpt, run[0], got["tokens"][0], got["calls"])
         assert len(errors) > 8 and max(errors) < 1e-5, errors
-    stale = run_worker(tmp_path, 4, {"runs": runs, "fuse": False})
+    stale = run_worker(engines, tmp_path, 4, {"runs": runs, "fuse": False})
     for run, got in zip(runs, stale):
         # the first block step reads only the prefill's K/V; every later one reads a block left noisy
         later = [e for c, e in zip(got["calls"], max_error(ckpt, run[0], got["tokens"][0], got["calls"]))
@@ -78,8 +70,7 @@ def test_fused_first_pass_writes_the_clean_kv_of_the_previous_block(tmp_path):
         assert later and min(later) > 1e-4, later
 
 
-@pytest.mark.engine
-def test_first_hitting_needs_one_pass_per_token_and_no_pass_after_the_last_block(tmp_path):
+def test_first_hitting_needs_one_pass_per_token_and_no_pass_after_the_last_block(engines, tmp_path):
     """First-hitting reveals one token per pass: after the prompt's prefill (one pass), a request needs
     exactly one pass per masked slot it decodes, so one per token when it ends on a block boundary; a
     request cut by max_tokens inside its last block stops there, with no commit or other extra pass."""
@@ -90,7 +81,7 @@ def test_first_hitting_needs_one_pass_per_token_and_no_pass_after_the_last_block
         aligned = 16 - len(prompt) % 4 if len(prompt) % 4 else 16  # ends on a block boundary
         runs += [[{"prompt": prompt, "algorithm": "first_hitting", "temperature": t, "max_tokens": n, "seed": 9}]
                  for n in (aligned, aligned - 2) for t in (0.0, 1.0)]
-    for run, got in zip(runs, run_worker(tmp_path, 4, {"runs": runs})):
+    for run, got in zip(runs, run_worker(engines, tmp_path, 4, {"runs": runs})):
         request = run[0]
         assert got["tokens"] == [core_tokens(ckpt, request)]
         end = len(request["prompt"]) + request["max_tokens"]
@@ -100,8 +91,7 @@ def test_first_hitting_needs_one_pass_per_token_and_no_pass_after_the_last_block
             assert got["passes"] == 1 + request["max_tokens"]
 
 
-@pytest.mark.engine
-def test_mixed_steps_stay_token_identical_to_the_core(tmp_path):
+def test_mixed_steps_stay_token_identical_to_the_core(engines, tmp_path):
     """A small token budget puts one request's prefill chunks beside another's block steps, and three
     sampler settings put several sampler groups in one step; every request still gets the core's tokens.
     Each logits call is asked again for its masked slots only: a pass over the group's blocks alone gives
@@ -114,7 +104,7 @@ def test_mixed_steps_stay_token_identical_to_the_core(tmp_path):
            for i, (p, (a, t)) in enumerate(zip(prompts, settings))]
     spec = {"runs": [run], "engine": {"enable_chunked_prefill": True, "max_num_batched_tokens": 20},
             "read_check": True}
-    (got,) = run_worker(tmp_path, 4, spec)
+    (got,) = run_worker(engines, tmp_path, 4, spec)
     assert got["tokens"] == [core_tokens(ckpt, r) for r in run]
     steps = got["steps"]
     assert any(s["blocks"] and s["tokens"] > s["block_tokens"] for s in steps), steps  # a prefill beside blocks

@@ -6,12 +6,14 @@ import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bd3_plugin.tinyworld.data import checkpoint_path
+from early import early_fixture
 
 HYGIENE = r"""
 import json, sys, torch
@@ -42,8 +44,15 @@ def _run(code: str, *args: str, timeout: int = 300, env: dict | None = None) -> 
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_plugin_registration_and_configuration_leave_torch_and_the_cpu_worker_alone():
-    out = _run(HYGIENE, str(checkpoint_path(4)))
+@early_fixture
+def hygiene(folder):
+    """The HYGIENE probe in a fresh process, run early (tests/early.py)."""
+    return _run(HYGIENE, str(checkpoint_path(4)))
+
+
+@pytest.mark.cli  # a fresh process
+def test_plugin_registration_and_configuration_leave_torch_and_the_cpu_worker_alone(hygiene):
+    out = hygiene
     assert out["registered"] and out["worker"] == "vllm_backend.worker.cpu_worker.BD3CPUWorker"
     assert out["after_config"] == {"cpu_modules": [], "same": [True, True, True]}
     # The probe can see the damage: vLLM's CPU worker module patches all three on import.
@@ -226,52 +235,57 @@ def test_budgets_that_cannot_hold_whole_blocks_are_refused_at_start_up(kw, flag)
     _args(max_num_batched_tokens=10, max_model_len=128).create_engine_config()  # 10 at L' = 4 is fine
 
 
-@pytest.mark.cli
-def test_vllm_serve_prints_one_line_for_a_refusal():
-    from pathlib import Path
-
+@early_fixture
+def refused_serve(folder):
+    """`vllm serve` with a flag BD3 refuses, run early (tests/early.py)."""
     vllm = str(Path(sys.executable).with_name("vllm"))
-    r = subprocess.run([vllm, "serve", str(checkpoint_path(4)), "--tensor-parallel-size", "2"], capture_output=True,
-                       text=True, timeout=300)
+    return subprocess.run([vllm, "serve", str(checkpoint_path(4)), "--tensor-parallel-size", "2"],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.cli
+def test_vllm_serve_prints_one_line_for_a_refusal(refused_serve):
+    r = refused_serve
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith("Error: --tensor-parallel-size 2: BD3 checkpoints run on one")
 
 
 # ---- the plugin is inert for other models --------------------------------------------------------------
-LLAMA = r"""
+# A random stock Llama saved to argv[1] (head_dim 32), then its greedy tokens through vLLM as if bd3-plugin
+# were not installed: none of its entry points exist in this process (tests/vllm_llama_worker.py's job).
+WITHOUT_PLUGIN = r"""
 import importlib.metadata as md, json, os, sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+llama.save_pretrained(sys.argv[1])
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-if sys.argv[2] == "without":  # as if bd3-plugin were not installed: none of its entry points exist
-    everything = md.entry_points
-    def entry_points(**kw):
-        found = everything(**kw)
-        if "group" not in kw:
-            return found
-        return md.EntryPoints(e for e in found if not e.value.startswith("vllm_backend"))
-    md.entry_points = entry_points
-from vllm import LLM, ModelRegistry, SamplingParams
-from vllm.inputs import TokensPrompt
-llm = LLM(sys.argv[1], skip_tokenizer_init=True, dtype="float32", max_model_len=64, seed=0, enforce_eager=True)
-prompts = [[1, 5, 9], [3, 1, 4, 1, 5, 9, 2, 6], [7]]
-outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                    SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-print("RESULT " + json.dumps({"plugin": "BD3LM" in ModelRegistry.get_supported_archs(),
-                              "worker": llm.llm_engine.vllm_config.parallel_config.worker_cls,
-                              "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+everything = md.entry_points
+def entry_points(**kw):
+    found = everything(**kw)
+    if "group" not in kw:
+        return found
+    return md.EntryPoints(e for e in found if not e.value.startswith("vllm_backend"))
+md.entry_points = entry_points
+sys.path.insert(0, sys.argv[2])
+import vllm_llama_worker
+print("RESULT " + json.dumps(vllm_llama_worker.run({"checkpoint": sys.argv[1]})))
 """
 
 
-@pytest.mark.engine
-def test_a_stock_llama_gives_the_same_greedy_tokens_with_and_without_the_plugin(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+@early_fixture
+def llama_without_plugin(folder):
+    """The Llama checkpoint and its tokens without the plugin, from a fresh process run early (tests/early.py)."""
+    return folder, _run(WITHOUT_PLUGIN, str(folder), str(Path(__file__).parent), timeout=600)
 
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
-    llama.save_pretrained(tmp_path)  # random weights, head_dim 32
-    with_plugin = _run(LLAMA, str(tmp_path), "with", timeout=600)
-    without = _run(LLAMA, str(tmp_path), "without", timeout=600)
+
+@pytest.mark.engine
+def test_a_stock_llama_gives_the_same_greedy_tokens_with_and_without_the_plugin(engines, llama_without_plugin):
+    checkpoint, without = llama_without_plugin
+    with_plugin = engines.run("llama", {"checkpoint": str(checkpoint)})  # the session's engine process
     assert with_plugin["plugin"] and not without["plugin"]
     assert with_plugin["worker"] == without["worker"] == "vllm.v1.worker.cpu_worker.CPUWorker"
     assert with_plugin["tokens"] == without["tokens"] and len(set(map(tuple, without["tokens"]))) > 1

@@ -1,11 +1,6 @@
 """Block alignment under load: long prompts, many concurrent requests, chunked prefill under a token budget
 that is not a multiple of L', and a KV cache too small for all requests (the scheduler preempts and
 re-prefills). Every block must still be computed whole, so the tokens equal the core sampler's."""
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from bd3_plugin.core.checkpoint import load_checkpoint
@@ -14,7 +9,6 @@ from bd3_plugin.sampling.generate import generate
 from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path, read_heldout, stream_ids
 
-WORKER = Path(__file__).with_name("vllm_load_worker.py")
 MAX_MODEL_LEN = 128
 CASES = [{"algorithm": "first_hitting", "temperature": 1.0}, {"algorithm": "threshold", "temperature": 0.0}]
 
@@ -30,7 +24,7 @@ def long_prompts(ckpt, max_tokens: int) -> list[list[int]]:
 
 @pytest.mark.engine
 @pytest.mark.parametrize("block_size, budget, kv_pages", [(4, 42, 10), (16, 50, 6), (4, 10, None)])
-def test_tokens_equal_the_core_under_chunked_prefill_and_preemption(block_size, budget, kv_pages):
+def test_tokens_equal_the_core_under_chunked_prefill_and_preemption(engines, block_size, budget, kv_pages):
     assert budget % block_size  # chunks cut by the budget alone would end inside blocks
     # (4, 10): a budget of 2.5 blocks, the smallest kind that must still run.
     ckpt = load_checkpoint(checkpoint_path(block_size))
@@ -41,12 +35,9 @@ def test_tokens_equal_the_core_under_chunked_prefill_and_preemption(block_size, 
               "max_num_seqs": len(prompts)}
     if kv_pages:  # a cache of kv_pages pages of 32 tokens; admit on the first chunk: later chunks preempt
         engine |= {"block_size": 32, "num_gpu_blocks_override": kv_pages, "scheduler_reserve_full_isl": False}
-    spec = {"prompts": prompts, "seeds": seeds, "cases": CASES, "max_tokens": max_tokens, "engine": engine}
-    r = subprocess.run([sys.executable, str(WORKER), str(checkpoint_path(block_size)), json.dumps(spec)],
-                       capture_output=True, text=True, timeout=900)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert r.returncode == 0 and lines, r.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULTS "):])
+    spec = {"checkpoint": str(checkpoint_path(block_size)), "prompts": prompts, "seeds": seeds, "cases": CASES,
+            "max_tokens": max_tokens, "engine": engine}
+    out = engines.run("load", spec)  # the engine in the session's engine process (tests/vllm_load_worker.py)
     needed = sum(-(-(len(p) + max_tokens) // out["kv_block_size"]) for p in prompts)
     if kv_pages:  # the cache cannot hold every request
         assert out["kv_blocks"] < needed and out["preemptions"] > 0, out

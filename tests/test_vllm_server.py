@@ -1,5 +1,6 @@
-"""`bd3 serve` end to end: the real vLLM OpenAI server on 127.0.0.1 (started with an API key, through
-`bd3 serve CKPT --port N -- --api-key K`), called with the openai client and with plain HTTP."""
+"""`bd3 serve` end to end: the real vLLM OpenAI server on 127.0.0.1 (the session's server, started with an API
+key, through `bd3 serve CKPT --port N -- --api-key K ...`: tests/conftest.py), called with the openai client
+and with plain HTTP; and plain `vllm serve` on another checkpoint."""
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,21 +14,19 @@ from bd3_plugin.sampling.config import SamplerConfig
 from bd3_plugin.sampling.generate import generate
 from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
-from servers import start, stop
+from early import early_fixture
+from servers import launch, stop, wait_healthy
 
 pytestmark = pytest.mark.server
-BD3 = str(Path(sys.executable).with_name("bd3"))
-KEY = "bd3-test-key"
+KEY = "bd3-test-key"  # the session server's (tests/conftest.py)
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, base, log = start(lambda port: [BD3, "serve", str(checkpoint_path(4)), "--port", str(port), "--",
-                                          "--api-key", KEY], tmp_path_factory.mktemp("serve"))
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, timeout=120, max_retries=0)
-    yield base, client, client.models.list().data[0].id
-    stop(proc, log)
+def server(bd3_server):
+    assert bd3_server.key == KEY
+    client = openai.OpenAI(base_url=f"{bd3_server.base}/v1", api_key=KEY, timeout=120, max_retries=0)
+    return bd3_server.base, client, client.models.list().data[0].id
 
 
 def complete(client, model, prompt, **kw):
@@ -216,10 +215,22 @@ def test_temperature_zero_is_greedy_without_a_seed(server, algorithm):
     assert alone[0] == " " + ckpt.decode(core.tokens)
 
 
-def test_plain_vllm_serve_decodes_blocks_too(tmp_path):
-    """`vllm serve CKPT` with no flags: the plugin fills in the block-decoding engine arguments."""
+@early_fixture(order=1)
+def plain_vllm_serve(folder):
+    """`vllm serve tiny-bd3-L16` with no flags, started early; stopped by the test that reads it."""
     vllm = str(Path(sys.executable).with_name("vllm"))
-    proc, base, log = start(lambda port: [vllm, "serve", str(checkpoint_path(16)), "--port", str(port)], tmp_path)
+    proc, base, log = launch(lambda port: [vllm, "serve", str(checkpoint_path(16)), "--port", str(port)], folder)
+    try:
+        wait_healthy(proc, base, log)
+    except BaseException:
+        stop(proc, log)
+        raise
+    return proc, base, log
+
+
+def test_plain_vllm_serve_decodes_blocks_too(plain_vllm_serve):
+    """`vllm serve CKPT` with no flags: the plugin fills in the block-decoding engine arguments."""
+    proc, base, log = plain_vllm_serve
     try:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", timeout=120, max_retries=0)
         r = complete(client, client.models.list().data[0].id, "<eos> the old cow", max_tokens=20, seed=4)

@@ -1,13 +1,10 @@
 """Trajectories and logprobs from the vLLM engine against the core's recorded rollouts and its scorer.
 
-One offline engine per mode in a subprocess (tests/vllm_traces_worker.py; in this process, and once with the
-engine in its own processes) and one `bd3 serve` with `--logprobs-mode processed_logprobs`.
+One offline engine per mode in the session's engine process (tests/vllm_traces_worker.py; the engine in that
+process, and once in its own processes) and the session's `bd3 serve`, which has `--logprobs-mode
+processed_logprobs`.
 """
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import requests
@@ -20,12 +17,8 @@ from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
 from bd3_plugin.sampling.trajectory import Trajectory
 from bd3_plugin.rl.trajectory_scoring import score_trajectory
+from engines import L4_OWN_PROCESSES
 from helpers import assert_close
-from servers import start, stop
-
-pytestmark = [pytest.mark.engine, pytest.mark.server]
-WORKER = Path(__file__).with_name("vllm_traces_worker.py")
-BD3 = str(Path(sys.executable).with_name("bd3"))
 # Prompt lengths 4, 6, 1, 12 at L' = 4: on a block boundary and inside a block.
 TEXTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos>", "<eos> the wolf sees a fox . many owls sleep . the"]
 # max_tokens never a multiple of L' (rows stop inside a block); EOS is left on (rows stop at it too).
@@ -44,20 +37,16 @@ def ckpt():
     return load_checkpoint(checkpoint_path(4))
 
 
-def run_engine(spec, multiprocess=False):
-    env = os.environ | {"OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": str(int(multiprocess))}
-    r = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], capture_output=True, text=True, timeout=600,
-                       env=env)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert r.returncode == 0 and lines, r.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+def run_engine(engines, spec, multiprocess=False):
+    return engines.run("traces", spec, env={"OMP_NUM_THREADS": "1",
+                                            "VLLM_ENABLE_V1_MULTIPROCESSING": str(int(multiprocess))})
 
 
 @pytest.fixture(scope="module")
-def engine(ckpt):
+def engine(engines, ckpt):
     prompts = [ckpt.encode(t) for t in TEXTS]
-    return prompts, run_engine({"checkpoint": str(checkpoint_path(4)), "prompts": prompts, "cases": CASES,
-                                "greedy": True})
+    return prompts, run_engine(engines, {"checkpoint": str(checkpoint_path(4)), "prompts": prompts, "cases": CASES,
+                                         "greedy": True})
 
 
 def core_config(case) -> SamplerConfig:
@@ -95,6 +84,7 @@ def assert_same_trajectory(e: Trajectory, c: Trajectory, what: str) -> None:
     assert e.finish_reason == c.finish_reason, what
 
 
+@pytest.mark.engine
 def test_engine_trajectories_equal_the_core_and_the_scorer(engine, ckpt):
     prompts, results = engine
     ends = set()
@@ -116,6 +106,7 @@ def test_engine_trajectories_equal_the_core_and_the_scorer(engine, ckpt):
     assert {("eos", True), ("length", True)} <= ends  # rows stopped inside a block, by EOS and by the limit
 
 
+@pytest.mark.engine
 def test_n_choices_are_distinct_and_reproducible(engine):
     _, results = engine
     n_case = results["cases"][1]
@@ -125,6 +116,7 @@ def test_n_choices_are_distinct_and_reproducible(engine):
         assert seeds == [7, 8, 9] and len(set(outputs)) == 3
 
 
+@pytest.mark.engine
 def test_raw_logprobs_are_the_trajectory_values_with_the_model_top_alternatives(engine, ckpt):
     """vLLM's default raw_logprobs: each token's entry is its raw reveal-time log-prob, and the top 3 are those
     of the model's full distribution at the reveal pass, recomputed by the core's scorer."""
@@ -151,16 +143,18 @@ def test_raw_logprobs_are_the_trajectory_values_with_the_model_top_alternatives(
             assert entry[str(tok)][1] == int((dist >= dist[tok] - 1e-6).sum())  # the rank, vLLM's way
 
 
+@pytest.mark.engine
 def test_trajectory_true_without_the_middleware_is_refused(engine):
     _, results = engine
     assert results["refusal"].startswith("vllm_xargs bd3_trajectory: true needs the trace middleware")
     assert "\n" not in results["refusal"]
 
 
-def test_engine_in_its_own_processes_gives_the_same_trajectories(engine, ckpt):
+@pytest.mark.engine
+def test_engine_in_its_own_processes_gives_the_same_trajectories(engines, engine, ckpt):
     prompts, results = engine
-    mp = run_engine({"checkpoint": str(checkpoint_path(4)), "prompts": prompts[:2], "cases": CASES[1:2]},
-                    multiprocess=True)
+    mp = run_engine(engines, {"checkpoint": str(checkpoint_path(4)), "prompts": prompts[:2], "cases": CASES[1:2],
+                              "keep": L4_OWN_PROCESSES}, multiprocess=True)  # test_vllm_weights.py uses it too
     for p in range(2):
         for choice in range(3):
             here = Trajectory.from_json(results["cases"][1]["trajectories"][p][choice])
@@ -168,6 +162,7 @@ def test_engine_in_its_own_processes_gives_the_same_trajectories(engine, ckpt):
             assert_same_trajectory(Trajectory.from_json(mp["cases"][0]["trajectories"][p][choice]), here, "mp")
 
 
+@pytest.mark.engine
 def test_engine_greedy_completions_resume_from_recorded_states(engine, ckpt):
     """EGSPO's x̂₀ as engine requests that resume from a partly revealed block, against the core's."""
     from bd3_plugin.sampling.greedy_completion import greedy_completions
@@ -209,22 +204,16 @@ def test_logprobs_modes_vllm_cannot_be_honoured_are_refused_at_start():
 
 
 # ---- the server ---------------------------------------------------------------------------------------
-CHAT = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the tiny tokenizer has no chat template
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc, base, log = start(lambda port: [BD3, "serve", str(checkpoint_path(4)), "--port", str(port), "--",
-                                          "--logprobs-mode", "processed_logprobs", "--chat-template", CHAT],
-                            tmp_path_factory.mktemp("serve"))
-    yield base
-    stop(proc, log)
+def server(bd3_server):
+    return bd3_server
 
 
-def post(base, route, body):
-    return requests.post(f"{base}/v1/{route}", json=body, timeout=120)
+def post(server, route, body):
+    return requests.post(f"{server.base}/v1/{route}", json=body, headers=server.headers, timeout=120)
 
 
+@pytest.mark.server
 def test_served_trajectories_and_processed_logprobs(server, ckpt):
     """n = 2 on one prompt that ends inside a block: each choice carries the core's trajectory, and its
     logprobs are the sampled distribution's (processed_logprobs) at the reveal pass."""
@@ -257,6 +246,7 @@ def test_served_trajectories_and_processed_logprobs(server, ckpt):
     assert_close(torch.tensor(lps, dtype=torch.float64), e.logprob[e.reveal_pass > 0][: len(lps)], 1e-5, "chat")
 
 
+@pytest.mark.server
 def test_bad_trace_and_logprob_requests_are_one_line_400s(server):
     base_body = {"model": str(checkpoint_path(4)), "prompt": "<eos> the old cow", "max_tokens": 8, "temperature": 1.0}
     trace = {"vllm_xargs": {"bd3_trajectory": True}}
@@ -275,4 +265,4 @@ def test_bad_trace_and_logprob_requests_are_one_line_400s(server):
         error = r.json()["error"]
         assert needle in error["message"] and "\n" not in error["message"], (extra, error)
         assert param is None or error["param"] == param, (extra, error)
-    assert requests.get(f"{server}/health").status_code == 200
+    assert requests.get(f"{server.base}/health").status_code == 200

@@ -1,14 +1,9 @@
 """Weight updates in a running vLLM engine against a fresh engine on the new checkpoint.
 
-The engines run in subprocesses (one engine per process, tests/vllm_weights_worker.py).
+The engines run in the session's engine process (one engine per job, tests/vllm_weights_worker.py); the
+server is the session's `bd3 serve`, put back on its checkpoint after the test.
 The second checkpoint is tiny-bd3-L4 with every tensor perturbed by seeded noise, saved by the core.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import requests
 import torch
@@ -16,13 +11,11 @@ from safetensors.torch import load_file, save_file
 
 from bd3_plugin.core.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_config, save_checkpoint
 from bd3_plugin.tinyworld.data import checkpoint_path
-from servers import start, stop
+from engines import L4_OWN_PROCESSES
 from vllm_backend.worker.weights import check_source
 from vllm_backend.server.weight_routes import parse_update_request
 
-WORKER = Path(__file__).with_name("vllm_weights_worker.py")
 PROMPTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos>"]
-BD3 = str(Path(sys.executable).with_name("bd3"))
 EXTRA = "backbone.extra.weight"
 
 
@@ -45,32 +38,31 @@ def ckpts(tmp_path_factory):
             "prompts": [ck.encode(t) for t in PROMPTS]}
 
 
-def run_engine(mode, spec):
-    r = subprocess.run([sys.executable, str(WORKER), mode, json.dumps(spec)], capture_output=True, text=True,
-                       timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert r.returncode == 0 and lines, r.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+def run_engine(engines, mode, spec):
+    env = {"OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if mode == "update-mp" else "0"}
+    return engines.run("weights", spec | {"mode": mode}, env=env)
 
 
 @pytest.fixture(scope="module")
-def runs(ckpts):
+def runs(engines, ckpts):
     paths = {"old": str(ckpts["old"]), "new": str(ckpts["new"]), "new_file": str(ckpts["new"] / WEIGHTS),
              "old_file": str(ckpts["old"] / WEIGHTS), "bad_file": str(ckpts["bad"]), "config": str(checkpoint_path(16)),
              "nowhere": str(ckpts["new"] / "x")}
     spec = {"checkpoint": str(ckpts["old"]), "prompts": ckpts["prompts"], "paths": paths, "drop": ckpts["drop"]}
-    fresh = run_engine("fresh", spec | {"checkpoint": str(ckpts["new"])})
-    updated = run_engine("update", spec | {"bad": ["bad_file", "new_file_broken", "config", "nowhere"],
+    fresh = run_engine(engines, "fresh", spec | {"checkpoint": str(ckpts["new"])})
+    updated = run_engine(engines, "update", spec | {"bad": ["bad_file", "new_file_broken", "config", "nowhere"],
                                            "good": ["new", "old_file_state", "new_file_state"]})
     return fresh, updated
 
 
 @pytest.fixture(scope="module")
-def runs_mp(ckpts, runs):
+def runs_mp(engines, ckpts, runs):
     """The same through an engine in its own processes (worker extension; state dicts sent as one buffer)."""
     paths = {"new": str(ckpts["new"]), "new_file": str(ckpts["new"] / WEIGHTS), "old_file": str(ckpts["old"] / WEIGHTS)}
     spec = {"checkpoint": str(ckpts["old"]), "prompts": ckpts["prompts"], "paths": paths, "drop": ckpts["drop"]}
-    return run_engine("update-mp", spec | {"bad": ["new_file_broken"], "good": ["new_file_state", "old_file_state"]})
+    # the engine test_vllm_traces.py also uses; the updates end on its own weights
+    return run_engine(engines, "update-mp", spec | {"bad": ["new_file_broken"], "keep": L4_OWN_PROCESSES,
+                                                    "good": ["new_file_state", "old_file_state"]})
 
 
 def _names_every_bad_tensor(message, ckpts):
@@ -142,16 +134,7 @@ def test_engine_in_other_processes(runs, runs_mp, ckpts):
     assert runs_mp["versions"] == ["default", "default", "new_file_state", "old_file_state"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """Plain `bd3 serve tiny-bd3-L4` (it adds the weight routes; the workers carry the update call)."""
-    proc, base, log = start(lambda port: [BD3, "serve", str(checkpoint_path(4)), "--port", str(port)],
-                            tmp_path_factory.mktemp("serve"))
-    yield base
-    stop(proc, log)
-
-
-def served_tokens(base, prompts):
+def served_tokens(server, prompts):
     """The worker's cases over HTTP, token ids as lists: [case][prompt]."""
     from vllm_weights_worker import CASES, MAX_TOKENS
 
@@ -161,34 +144,49 @@ def served_tokens(base, prompts):
         for prompt in prompts:
             body = {"model": str(checkpoint_path(4)), "prompt": prompt, "max_tokens": MAX_TOKENS, "ignore_eos": True,
                     "return_token_ids": True, **case}
-            r = requests.post(f"{base}/v1/completions", json=body, timeout=120)
+            r = requests.post(f"{server.base}/v1/completions", json=body, headers=server.headers, timeout=120)
             assert r.status_code == 200, r.text
             row.append(r.json()["choices"][0]["token_ids"])
         out.append(row)
     return out
 
 
+@pytest.fixture
+def server(bd3_server):
+    """The session's server; whatever the test did, it ends on tiny-bd3-L4's weights, labelled "default"."""
+    from vllm_backend.server.weight_routes import server_weight_version, update_server_weights
+
+    yield bd3_server
+    if server_weight_version(bd3_server.base) != "default":
+        update_server_weights(bd3_server.base, checkpoint_path(4), "default")
+
+
+@pytest.mark.engine
 @pytest.mark.server
 def test_server_update_route(server, runs, ckpts):
     from vllm_backend.worker.weights import WeightUpdateError
     from vllm_backend.server.weight_routes import server_weight_version, update_server_weights
 
     fresh, updated = runs
-    prompts = ckpts["prompts"]
-    assert server_weight_version(server) == "default"
+    prompts, base = ckpts["prompts"], server.base
+    assert server_weight_version(base) == "default"
     assert served_tokens(server, prompts) == updated["before"]  # the offline engine's tokens on tiny-bd3-L4
 
     with pytest.raises(WeightUpdateError) as err:
-        update_server_weights(server, ckpts["bad"], "bad")
+        update_server_weights(base, ckpts["bad"], "bad")
     assert str(err.value).startswith("400: ")
     _names_every_bad_tensor(str(err.value), ckpts)
-    r = requests.post(f"{server}/bd3/update_weights", json={"path": str(ckpts["new"]), "version": "v", "x": 1},
+    r = requests.post(f"{base}/bd3/update_weights", json={"path": str(ckpts["new"]), "version": "v", "x": 1},
                       timeout=30)
     assert r.status_code == 400 and "unknown field(s): x" in r.json()["error"]["message"]
-    assert server_weight_version(server) == "default"
+    assert server_weight_version(base) == "default"
     assert served_tokens(server, prompts) == updated["before"]  # the failed updates changed nothing
 
     tensors = len(load_file(str(ckpts["new"] / WEIGHTS)))
-    assert update_server_weights(server, ckpts["new"], "step-1") == {"weight_version": "step-1", "tensors": tensors}
-    assert server_weight_version(server) == "step-1"
+    assert update_server_weights(base, ckpts["new"], "step-1") == {"weight_version": "step-1", "tensors": tensors}
+    assert server_weight_version(base) == "step-1"
     assert served_tokens(server, prompts) == fresh  # a fresh engine's tokens on the new checkpoint
+
+    # Back to the served checkpoint, for the other tests on this server: its tokens again.
+    assert update_server_weights(base, checkpoint_path(4), "default")["weight_version"] == "default"
+    assert served_tokens(server, prompts) == updated["before"]

@@ -4,10 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,8 @@ from bd3_plugin.likelihood.scoring import document_windows
 from bd3_plugin.tinyworld.data import checkpoint_path, read_heldout
 from bd3_plugin.likelihood.zeroshot import (RECORD_SEPARATOR, ScoredLoglikelihood, corpus_rows, join_records,
     resolve_protocol, rolling_windows)
-from helpers import word_tokenizer
+from early import early_fixture
+from helpers import run_lm_eval, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BOS, EOS = 900, 901
@@ -138,14 +136,18 @@ def _exact_row_nll(model, rows: list[list[int]]) -> float:
 N_DOCS = 120  # the first 120 held-out documents: 27 rows
 
 
-def test_rows_task_through_lm_eval_reports_the_exact_token_perplexity(tmp_path):
+@early_fixture
+def rows_task_run(folder):
+    """`lm_eval` on the rows task with L' = 1, run early (tests/early.py)."""
+    return folder, run_lm_eval("--model", "bd3", "--model_args", f"pretrained={checkpoint_path(1)},greedy_check=False",
+                               "--tasks", "synthetic_ppl_rows", "--include_path", ROOT / "lm_eval_tasks", "--metadata",
+                               json.dumps({"n_docs": N_DOCS}), "--output_path", folder, cwd=folder)
+
+
+@pytest.mark.cli
+def test_rows_task_through_lm_eval_reports_the_exact_token_perplexity(rows_task_run):
     ckpt = checkpoint_path(1)  # L' = 1: the bound is the exact NLL, so the check is exact
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run([str(Path(sys.executable).with_name("lm_eval")), "--model", "bd3", "--model_args",
-                        f"pretrained={ckpt},greedy_check=False", "--tasks", "synthetic_ppl_rows", "--include_path",
-                        str(ROOT / "lm_eval_tasks"), "--metadata", json.dumps({"n_docs": N_DOCS}),
-                        "--output_path", str(tmp_path)],
-                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    tmp_path, r = rows_task_run
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(sorted(tmp_path.rglob("results_*.json"))[-1].read_text())["results"]["synthetic_ppl_rows"]
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_vllm_fusion.py in a subprocess (one engine per process): decode through vLLM's engine
+"""Job of tests/vllm_jobs.py for tests/test_vllm_fusion.py: decode through vLLM's engine (in this process)
 while recording every logits call the runner answers for `denoise_block` (block positions, block, logits,
 read mask) and every block step's shape, and save them with the tokens and pass counts (torch.save).
 With "read_check", every call is asked again with the same blocks and `read` = the masked slots (an extra
@@ -6,22 +6,19 @@ pass over the group's blocks alone, which rewrites the same K/V).
 
 With "fuse": false, the scheduler forgets which requests hold a noisy last block, so nothing recomputes
 that block's K/V clean: the negative control of the K/V test."""
-import json
-import os
-import sys
+from contextlib import ExitStack
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine, scheduler and runner in this process
+from vllm_jobs import engine, patched
 
-if __name__ == "__main__":
+
+def run(spec: dict) -> None:
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from vllm_backend.worker.engine import BD3Scheduler
     from vllm_backend.worker.runner import BD3RunnerMixin
 
-    checkpoint, spec, out_path = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     calls, steps = [], []
     group_forward, block_rows, schedule = BD3RunnerMixin._group_forward, BD3RunnerMixin._block_rows, BD3Scheduler.schedule
 
@@ -52,19 +49,20 @@ if __name__ == "__main__":
         self.noisy.clear()
         return schedule(self, *args, **kwargs)
 
-    BD3RunnerMixin._group_forward = recording_group_forward
-    BD3RunnerMixin._block_rows = recording_block_rows
-    if not spec.get("fuse", True):
-        BD3Scheduler.schedule = forgetting_schedule
-    llm = LLM(checkpoint, dtype="float32", max_model_len=128, seed=0, **spec.get("engine", {}))
-    runs = []
-    for run in spec["runs"]:  # each run: one generate call over its requests
-        params = [SamplingParams(temperature=r["temperature"], max_tokens=r["max_tokens"], seed=r["seed"],
-                                 extra_args={"algorithm": r["algorithm"]}, ignore_eos=True) for r in run]
-        before, first_call, first_step = llm.collective_rpc("bd3_forward_passes")[0], len(calls), len(steps)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=r["prompt"]) for r in run], params, use_tqdm=False)
-        runs.append({"tokens": [list(o.outputs[0].token_ids) for o in outs],
-                     "passes": llm.collective_rpc("bd3_forward_passes")[0] - before,
-                     "calls": calls[first_call:], "steps": steps[first_step:]})
-    torch.save(runs, out_path)
-    print("DONE")
+    with ExitStack() as stack:
+        stack.enter_context(patched(BD3RunnerMixin, "_group_forward", recording_group_forward))
+        stack.enter_context(patched(BD3RunnerMixin, "_block_rows", recording_block_rows))
+        if not spec.get("fuse", True):
+            stack.enter_context(patched(BD3Scheduler, "schedule", forgetting_schedule))
+        llm = stack.enter_context(engine(spec["checkpoint"], dtype="float32", max_model_len=128, seed=0,
+                                         **spec.get("engine", {})))
+        runs = []
+        for run in spec["runs"]:  # each run: one generate call over its requests
+            params = [SamplingParams(temperature=r["temperature"], max_tokens=r["max_tokens"], seed=r["seed"],
+                                     extra_args={"algorithm": r["algorithm"]}, ignore_eos=True) for r in run]
+            before, first_call, first_step = llm.collective_rpc("bd3_forward_passes")[0], len(calls), len(steps)
+            outs = llm.generate([TokensPrompt(prompt_token_ids=r["prompt"]) for r in run], params, use_tqdm=False)
+            runs.append({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                         "passes": llm.collective_rpc("bd3_forward_passes")[0] - before,
+                         "calls": calls[first_call:], "steps": steps[first_step:]})
+    torch.save(runs, spec["out"])

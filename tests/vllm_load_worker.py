@@ -1,20 +1,15 @@
-"""Run by tests/test_vllm_load.py in a subprocess (one engine per process): decode all prompts at once
-through vLLM's engine under a small token budget and a small KV cache, and print the token ids and how
-many times the scheduler preempted a request, as JSON."""
-import json
-import os
-import sys
+"""Job of tests/vllm_jobs.py for tests/test_vllm_load.py: decode all prompts at once through vLLM's engine (in
+this process: its scheduler is ours) under a small token budget and a small KV cache, and return the token
+ids, how many times the scheduler preempted a request, and how the chunks it scheduled ended."""
+from vllm_jobs import engine, patched
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: its scheduler is ours
 
-if __name__ == "__main__":
-    from vllm import LLM, SamplingParams
+def run(spec: dict) -> dict:
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from vllm_backend.worker.engine import BD3Scheduler
 
-    checkpoint, spec = sys.argv[1], json.loads(sys.argv[2])
     preempted = []
     original = BD3Scheduler._preempt_request
 
@@ -22,7 +17,6 @@ if __name__ == "__main__":
         preempted.append(request.request_id)
         return original(self, request, *args, **kwargs)
 
-    BD3Scheduler._preempt_request = counting
     chunks = {"split": 0, "cut": 0}  # chunks that end inside a block; chunks shorter than what the request had
     schedule = BD3Scheduler.schedule
 
@@ -37,15 +31,15 @@ if __name__ == "__main__":
             chunks["cut"] += end < (whole if rid not in wanted else end - n + wanted[rid])
         return out
 
-    BD3Scheduler.schedule = checking
-    llm = LLM(checkpoint, dtype="float32", seed=0, **spec["engine"])
-    results = []
-    for case in spec["cases"]:
-        params = [SamplingParams(temperature=case["temperature"], max_tokens=spec["max_tokens"], seed=seed,
-                                 extra_args={"algorithm": case["algorithm"]}, ignore_eos=True)
-                  for seed in spec["seeds"]]
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
-        results.append([list(o.outputs[0].token_ids) for o in outs])
-    print("RESULTS " + json.dumps({"tokens": results, "preemptions": len(preempted), **chunks,
-                                   "kv_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
-                                   "kv_block_size": llm.llm_engine.vllm_config.cache_config.block_size}))
+    with patched(BD3Scheduler, "_preempt_request", counting), patched(BD3Scheduler, "schedule", checking), \
+            engine(spec["checkpoint"], dtype="float32", seed=0, **spec["engine"]) as llm:
+        results = []
+        for case in spec["cases"]:
+            params = [SamplingParams(temperature=case["temperature"], max_tokens=spec["max_tokens"], seed=seed,
+                                     extra_args={"algorithm": case["algorithm"]}, ignore_eos=True)
+                      for seed in spec["seeds"]]
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
+            results.append([list(o.outputs[0].token_ids) for o in outs])
+        cache = llm.llm_engine.vllm_config.cache_config
+        return {"tokens": results, "preemptions": len(preempted), **chunks, "kv_blocks": cache.num_gpu_blocks,
+                "kv_block_size": cache.block_size}

@@ -1,12 +1,8 @@
-"""Run by tests/test_vllm_traces.py in a subprocess (one engine per process): for each case, the trajectories
-of `generate_with_trajectories`, and a plain `LLM.generate` of the same request with `logprobs` (token ids,
-per-token logprob dicts); printed as JSON."""
-import json
-import os
-import sys
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+"""Job of tests/vllm_jobs.py for tests/test_vllm_traces.py: for each case, the trajectories of
+`generate_with_trajectories`, and a plain `LLM.generate` of the same request with `logprobs` (token ids,
+per-token logprob dicts); the refusal of `bd3_trajectory` without the middleware, and greedy completions
+from recorded states."""
+from vllm_jobs import engine
 
 
 def _logprobs(choice):
@@ -53,14 +49,11 @@ def _greedy(llm, case_result):
     return [[t.to_json(), b, p, g] for (t, b, p), g in zip(states, got)]
 
 
-if __name__ == "__main__":
-    from vllm import LLM
-
-    spec = json.loads(sys.argv[1])
-    llm = LLM(spec["checkpoint"], max_model_len=spec.get("max_model_len", 128), seed=0, enforce_eager=True)
-    results = {"cases": [_case(llm, spec["prompts"], case) for case in spec["cases"]],
-               "refusal": _refusal(llm, [{"prompt_token_ids": p} for p in spec["prompts"]])}
-    if spec.get("greedy"):
-        results["greedy"] = _greedy(llm, results["cases"][0])
-    print("RESULTS " + json.dumps(results))
-    sys.exit(0)
+def run(spec: dict) -> dict:
+    with engine(spec["checkpoint"], max_model_len=spec.get("max_model_len", 128), seed=0, enforce_eager=True,
+                keep=spec.get("keep")) as llm:
+        results = {"cases": [_case(llm, spec["prompts"], case) for case in spec["cases"]],
+                   "refusal": _refusal(llm, [{"prompt_token_ids": p} for p in spec["prompts"]])}
+        if spec.get("greedy"):
+            results["greedy"] = _greedy(llm, results["cases"][0])
+    return results

@@ -1,15 +1,11 @@
-"""Run by tests/test_vllm_weights.py in a subprocess (one engine per process): either decode the prompts on a
-fresh engine, or start on one checkpoint and go through a series of weight updates, decoding after each;
-prints the token ids, errors and version labels as JSON."""
-import json
-import os
-import sys
+"""Job of tests/vllm_jobs.py for tests/test_vllm_weights.py: either decode the prompts on a fresh engine, or
+start on one checkpoint and go through a series of weight updates, decoding after each; returns the token
+ids, errors and version labels. The engine runs in the job's process unless the job sets
+VLLM_ENABLE_V1_MULTIPROCESSING=1 ("update-mp")."""
+from vllm_jobs import engine
 
 CASES = [{"temperature": 0.0, "seed": 1}, {"temperature": 1.0, "seed": 7}]
 MAX_TOKENS = 20
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if sys.argv[1:2] == ["update-mp"] else "0")
 
 
 def _generate(llm, prompts):
@@ -57,18 +53,13 @@ def _updates(llm, spec) -> dict:
     for key in spec["good"]:
         error = _attempt(llm, _source(spec, key), key)
         if error:
-            sys.exit(f"update from {key} failed: {error}")
+            raise RuntimeError(f"update from {key} failed: {error}")
         out[key] = _generate(llm, prompts)
         out["versions"].append(weight_version(llm))
     return out
 
 
-if __name__ == "__main__":
-    from vllm import LLM
-
-    mode, spec = sys.argv[1], json.loads(sys.argv[2])
+def run(spec: dict):
     # "update-mp": the engine in its own processes; the BD3 workers carry the update call without a flag
-    engine = LLM(spec["checkpoint"], max_model_len=128, seed=0, enforce_eager=True)
-    result = _generate(engine, spec["prompts"]) if mode == "fresh" else _updates(engine, spec)
-    print("RESULTS " + json.dumps(result))
-    sys.exit(0)
+    with engine(spec["checkpoint"], max_model_len=128, seed=0, enforce_eager=True, keep=spec.get("keep")) as llm:
+        return _generate(llm, spec["prompts"]) if spec["mode"] == "fresh" else _updates(llm, spec)
