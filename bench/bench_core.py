@@ -111,16 +111,20 @@ def passes_per_token(model: BD3LM, name: str, prompt: list[int], n_new: int, bat
     sampler = SamplerConfig(algorithm="first_hitting", max_new_tokens=n_new, top_p=0.9, stop_at_eos=False)
     work = count_positions(model)
     for batch in batches:
-        wall, cpu, passes = 0.0, 0.0, 0
+        wall = 0.0
+        cpu = 0.0
+        passes = 0
         work.update(backbone=0, output=0)
         for _ in range(args.repeats):
             sync(args.device)
-            start, start_cpu = time.perf_counter(), time.process_time()
+            start = time.perf_counter()
+            start_cpu = time.process_time()
             out = generate(model, [prompt] * batch, sampler, seeded_generators(range(batch)))
             sync(args.device)
             tokens = sum(len(g.tokens) for g in out.generations)
             wall = max(wall, tokens / (time.perf_counter() - start))
-            cpu, passes = max(cpu, tokens / (time.process_time() - start_cpu)), out.forward_passes
+            cpu = max(cpu, tokens / (time.process_time() - start_cpu))
+            passes = out.forward_passes
         per_token = {k: v / (args.repeats * batch * n_new) for k, v in work.items()}
         print(f"{name}, first_hitting L'={model.config.block_size}, {n_new} new tokens, batch {batch:2d}: "
               f"{passes / n_new:5.3f} passes/token ({passes} passes)   positions/token: backbone "

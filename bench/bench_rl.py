@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((args.run / "summary.json").read_text()) if (args.run / "summary.json").is_file() else {}
     cfg = summary.get("config", {})
     wall = {k: sum(r["seconds"][k] for r in rows) for k in PARTS}
-    total, cpu = sum(r["seconds"]["total"] for r in rows), sum(r["cpu_seconds"] for r in rows)
+    total = sum(r["seconds"]["total"] for r in rows)
+    cpu = sum(r["cpu_seconds"] for r in rows)
     print(f"# {len(rows)} iterations, engine {summary.get('engine', '?')}, {cfg.get('prompts', '?')} prompts x "
           f"{cfg.get('group', '?')} rollouts, K = {cfg.get('steps_per_rollout', '?')}")
     print(f"# training: {total:.0f} s wall, {cpu:.0f} s process CPU (CPU/wall {cpu / total:.2f})")

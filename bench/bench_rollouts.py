@@ -56,23 +56,29 @@ def core(args) -> None:
         sampler = SamplerConfig(algorithm=algorithm, max_new_tokens=64, top_p=0.9, threshold=0.5)
 
         def run(record: bool) -> tuple[float, float, object]:
-            wall, cpu = time.perf_counter(), time.process_time()
+            wall = time.perf_counter()
+            cpu = time.process_time()
             out = generate(model, prompts, sampler, seeded_generators(range(args.batch)), record=record)
             tokens = sum(len(g.tokens) for g in out.generations)
             return tokens / (time.process_time() - cpu), tokens / (time.perf_counter() - wall), out
 
-        run(False), run(True)  # warm-up
-        off, on = [], []
+        run(False)  # warm-up
+        run(True)
+        off = []
+        on = []
         for _ in range(args.repeats):  # alternate, so that both see the same load
             off.append(run(False)[:2])
             on.append(run(True)[:2])
         out = run(True)[2]
-        cpu_off, cpu_on = max(o[0] for o in off), max(o[0] for o in on)
-        wall_off, wall_on = max(o[1] for o in off), max(o[1] for o in on)
+        cpu_off = max(o[0] for o in off)
+        cpu_on = max(o[0] for o in on)
+        wall_off = max(o[1] for o in off)
+        wall_on = max(o[1] for o in on)
         print(f"generate {algorithm:13s}: record off {cpu_off:7.1f} tok/s   record on {cpu_on:7.1f} tok/s   "
               f"on/off {cpu_on / cpu_off:5.3f}   (wall-clock: {wall_off:7.1f} vs {wall_on:7.1f}, "
               f"{wall_on / wall_off:5.3f})")
-        start, cpu = time.perf_counter(), time.process_time()
+        start = time.perf_counter()
+        cpu = time.process_time()
         calls = []
         forward = model.forward_train
 
@@ -85,7 +91,8 @@ def core(args) -> None:
         sum(s.logprob.sum() for s in scores).backward()
         model.forward_train = forward
         model.zero_grad()
-        took, took_cpu = time.perf_counter() - start, time.process_time() - cpu
+        took = time.perf_counter() - start
+        took_cpu = time.process_time() - cpu
         print(f"score_trajectory {algorithm:13s}: {len(calls)} passes of 2×{len(out.trajectories[0].sequence())} "
               f"tokens for {args.batch} rollouts, {took_cpu / args.batch * 1e3:6.1f} ms CPU per rollout with "
               f"backward (wall-clock {took / args.batch * 1e3:6.1f} ms)")

@@ -100,7 +100,9 @@ def copy_part(args, work: str) -> None:
     from bd3_plugin.tinyworld.grammar import EOS
 
     path = copy_checkpoint_path(16)
-    ckpt, source, heldout = load_checkpoint(path), CopySource(), read_copy_heldout()
+    ckpt = load_checkpoint(path)
+    source = CopySource()
+    heldout = read_copy_heldout()
     items = heldout[: args.requests]
     answer = source.config.answer_tokens
     print(f"\n## copy task: {path.name}, threshold sampler, temperature 0; {len(items)} held-out items, "
@@ -140,7 +142,9 @@ def core_batch1(ckpt, prompts, tokens: int) -> tuple[float, float]:
 
     cfg = SamplerConfig(algorithm="first_hitting", max_new_tokens=tokens, stop_at_eos=False)
     generate(ckpt.model, prompts[:1], cfg, seeded_generators([0]))  # warm-up
-    start, made, passes = time.perf_counter(), 0, 0
+    start = time.perf_counter()
+    made = 0
+    passes = 0
     for i, p in enumerate(prompts[:8]):
         out = generate(ckpt.model, [p], cfg, seeded_generators([i]))
         made += len(out.generations[0].tokens)
@@ -177,7 +181,8 @@ def released_part(args, work: str) -> None:
     from bd3_plugin.tinyworld.data import checkpoint_path
     from position_arithmetic import dit_cost, first_hitting_positions, llama_cost, predicted_ratio
 
-    size, tokens = args.released_block_size, args.released_tokens
+    size = args.released_block_size
+    tokens = args.released_tokens
     tokenizer = load_checkpoint(checkpoint_path(4)).tokenizer  # encodes the prompts; nothing is detokenized
     texts = ["<eos> the old cow", "<eos> some ships run . a", "<eos> many owls", "<eos> a farmer sees"]
     count = args.released_waves * max(args.concurrency)
@@ -193,7 +198,8 @@ def released_part(args, work: str) -> None:
     bd3 = engine(f"{work}/released-bd3", prompts, args, waves, **params, extra_args={"algorithm": "first_hitting"})
     ar = engine(f"{work}/released-llama", prompts, args, waves, **params)
     table(bd3, ar)
-    dit, llama = dit_cost(cfg), llama_cost(cfg)
+    dit = dit_cost(cfg)
+    llama = llama_cost(cfg)
     print(f"multiply-accumulates per position: BD3 layers {dit.layers / 1e6:.1f} M, Llama layers "
           f"{llama.layers / 1e6:.1f} M, output layer {dit.output / 1e6:.1f} M (both)")
     print("| concurrency | BD3 layer pos/token | BD3 output pos/token | AR layer pos/token | AR output pos/token "

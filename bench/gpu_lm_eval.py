@@ -29,7 +29,8 @@ def run_tasks(lm: BD3EvalLM, limit: int) -> dict[str, object]:
     pairs = mc_pairs()[:limit]
     choices = [(p, c) for p in pairs for c in p["choices"]]
     scores = lm.loglikelihood(requests("loglikelihood", [("", " " + c + " <eos>") for _, c in choices]))
-    acc, k = [], 0
+    acc = []
+    k = 0
     for p in pairs:
         ll = [s[0] for s in scores[k:k + len(p["choices"])]]
         k += len(p["choices"])
@@ -59,7 +60,8 @@ def main() -> None:
         for device, dtype in (("cpu", "float32"), (args.device, args.dtype)):
             lm = BD3EvalLM(pretrained=str(checkpoint_path(block_size)), device=device, dtype=dtype)
             start = time.perf_counter()
-            results[device, dtype] = r = run_tasks(lm, args.limit)
+            r = run_tasks(lm, args.limit)
+            results[device, dtype] = r
             elapsed = time.perf_counter() - start
             line = (f"{block_size:>4} {device:>7} {dtype:>9} {r['mc_acc']:7.3f} {r['word_ppl']:9.4f} "
                     f"{r['gen_valid']:9.3f} {elapsed:6.1f}")

@@ -52,8 +52,10 @@ def _count_positions(worker) -> None:
     """Wrap the worker's model so that every pass adds its token positions through the layers, and every
     output-layer call its rows: the same count for the BD3 runner and for vLLM's own AR runner."""
     model = worker.model_runner.model
-    counts = worker.bench_counts = {"passes": 0, "layers": 0, "logits": 0}
-    forward, logits = model.forward, model.compute_logits
+    counts = {"passes": 0, "layers": 0, "logits": 0}
+    worker.bench_counts = counts
+    forward = model.forward
+    logits = model.compute_logits
 
     def counted_forward(*args, **kwargs):
         positions = kwargs["positions"] if "positions" in kwargs else args[1]
@@ -65,7 +67,8 @@ def _count_positions(worker) -> None:
         counts["logits"] += hidden_states.shape[0]
         return logits(hidden_states, *args, **kwargs)
 
-    model.forward, model.compute_logits = counted_forward, counted_logits
+    model.forward = counted_forward
+    model.compute_logits = counted_logits
 
 
 def _read_counts(worker) -> dict[str, int]:
@@ -101,11 +104,14 @@ def _waves(llm, prompts, params, c: int) -> Run:
     from vllm.inputs import TokensPrompt
 
     before = llm.collective_rpc(_read_counts)[0]
-    outputs, start, cpu = [], time.perf_counter(), time.process_time()
+    outputs = []
+    start = time.perf_counter()
+    cpu = time.process_time()
     for i in range(0, len(prompts), c):
         wave = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts[i : i + c]], params, use_tqdm=False)
         outputs += [(tuple(o.outputs[0].token_ids), str(o.outputs[0].finish_reason)) for o in wave]
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     after = llm.collective_rpc(_read_counts)[0]
     delta = {k: after[k] - before[k] for k in after}
     return Run(c, sum(len(t) for t, _ in outputs), seconds, cpu, delta["passes"], delta["layers"], delta["logits"],

@@ -57,7 +57,8 @@ def markdown(table: list[dict]) -> str:
 
 
 def write_table(table: list[dict], out: Path) -> tuple[Path, Path]:
-    csv_path, md_path = out / "results.csv", out / "results.md"
+    csv_path = out / "results.csv"
+    md_path = out / "results.md"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -62,7 +62,8 @@ class VLLMEngine:
         from vllm import LLM
 
         self.llm = LLM(str(checkpoint), max_model_len=model_length, seed=seed, dtype="float32")
-        self.sampler, self.version = sampler, "start"
+        self.sampler = sampler
+        self.version = "start"
 
     def _params(self, group: int, seed: int):
         from vllm import SamplingParams

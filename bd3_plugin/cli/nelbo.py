@@ -36,12 +36,15 @@ def run(args) -> dict:
     truth = None
     if args.text_file is None:
         heldout = read_heldout(HELDOUT)
-        texts, lines, truth = [d.text for d in heldout], True, true_nll_per_token(heldout)
+        texts = [d.text for d in heldout]
+        lines = True
+        truth = true_nll_per_token(heldout)
     else:
         if not args.text_file.is_file():
             raise UsageError(f"no such text file: {args.text_file}")
         text = args.text_file.read_text()
-        texts, lines = ([t for t in text.splitlines() if t.strip()] if args.lines else [text]), args.lines
+        texts = [t for t in text.splitlines() if t.strip()] if args.lines else [text]
+        lines = args.lines
         if not "".join(texts).strip():
             raise UsageError(f"{args.text_file} is empty")
     ckpt = load(args)

@@ -124,7 +124,8 @@ def _setup(args) -> _Run:
     ckpt = load_checkpoint(args.checkpoint)
     _check_vocabulary(ckpt.tokenizer)
     torch.manual_seed(args.seed)
-    policy, tok = ckpt.model.eval(), ckpt.tokenizer  # dropout off: the scorer must replay the rollout exactly
+    policy = ckpt.model.eval()  # dropout off: the scorer must replay the rollout exactly
+    tok = ckpt.tokenizer
     pool = training_prompts(tok, args.iterations * cfg.prompts, seed=args.seed)
     longest = max(len(p) for p in pool)
     budget = ckpt.config.model_length - longest
@@ -153,8 +154,10 @@ def _vllm_engine(ckpt, sampler, seed: int):
 
 def _iteration(run: _Run, it: int) -> dict:
     """One iteration, timed part by part; returns its log row."""
-    cfg, policy = run.cfg, run.ckpt.model
-    w0, c0 = time.perf_counter(), time.process_time()
+    cfg = run.cfg
+    policy = run.ckpt.model
+    w0 = time.perf_counter()
+    c0 = time.process_time()
     prompts = run.pool[it * cfg.prompts : (it + 1) * cfg.prompts]
     groups = run.engine.rollouts(prompts, cfg.group, seed=run.args.seed * 10**9 + it * cfg.prompts * cfg.group)
     trajs = [t for g in groups for t in g]
@@ -164,7 +167,8 @@ def _iteration(run: _Run, it: int) -> dict:
     stats = update(policy, run.ref, run.optimizer, batch, cfg, run.anchor)
     w3 = time.perf_counter()
     run.engine.update(policy, f"rl-{it + 1}")
-    w4, c4 = time.perf_counter(), time.process_time()
+    w4 = time.perf_counter()
+    c4 = time.process_time()
     return {"iteration": it + 1, "reward": batch.rewards.mean().item(), **_rollout_stats(trajs, run.reward),
             "kl": stats.kl, "loss": stats.loss, "ratio_mean": stats.ratio_mean, "clipped": stats.clipped,
             "max_logprob_gap": stats.max_logprob_gap, "scored_steps": stats.scored_steps,
@@ -182,12 +186,15 @@ def run(args) -> dict:
 
     run = _setup(args)
     start = run.check(args.final_samples)
-    rows, t_train, cpu_train = [], 0.0, 0.0
+    rows = []
+    t_train = 0.0
+    cpu_train = 0.0
     bar = tqdm(total=args.iterations, desc="bd3 rl", disable=args.json)
     with (args.out / "log.jsonl").open("w") as log:
         for it in range(args.iterations):
             row = _iteration(run, it)
-            t_train, cpu_train = t_train + row["seconds"]["total"], cpu_train + row["cpu_seconds"]
+            t_train += row["seconds"]["total"]
+            cpu_train += row["cpu_seconds"]
             row["train_seconds"] = t_train
             if args.eval_every and (it + 1) % args.eval_every == 0:
                 row["heldout"] = run.check(args.eval_samples)

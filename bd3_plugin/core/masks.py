@@ -14,8 +14,10 @@ def block_diff_mask(seq_len: int, block_size: int, device: torch.device | None =
     idx = torch.arange(2 * seq_len, device=device)
     clean = idx >= seq_len
     blk = torch.where(clean, idx - seq_len, idx) // block_size
-    q_clean, k_clean = clean[:, None], clean[None, :]
-    q_blk, k_blk = blk[:, None], blk[None, :]
+    q_clean = clean[:, None]
+    k_clean = clean[None, :]
+    q_blk = blk[:, None]
+    k_blk = blk[None, :]
     diagonal = (q_blk == k_blk) & (q_clean == k_clean)
     offset_causal = k_clean & ~q_clean & (q_blk > k_blk)
     block_causal = k_clean & q_clean & (q_blk >= k_blk)

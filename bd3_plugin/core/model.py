@@ -87,7 +87,8 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: BD3Config) -> None:
         super().__init__()
         d = cfg.hidden_dim
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
         self.norm1 = LayerNorm(d)
         self.attn_qkv = nn.Linear(d, 3 * d, bias=False)
         self.attn_out = nn.Linear(d, d, bias=False)
@@ -121,9 +122,11 @@ class DiTBlock(nn.Module):
         mods = self.modulations(c)
         q, k, v = self.project_qkv(x, mods, rope)
         if prefix is not None:
-            k_all, v_all = torch.cat((prefix[0], k), dim=2), torch.cat((prefix[1], v), dim=2)
+            k_all = torch.cat((prefix[0], k), dim=2)
+            v_all = torch.cat((prefix[1], v), dim=2)
         else:
-            k_all, v_all = k, v
+            k_all = k
+            v_all = v
         a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, T, Dh)
         return self.finish(x, a.transpose(1, 2).reshape(b, t, -1), mods), (k, v)
 
@@ -209,7 +212,10 @@ class BD3LM(nn.Module):
                 elif adaln_zero and ("adaLN_modulation" in name or name.startswith("output_layer.linear")):
                     p.zero_()
                 elif name.endswith(".bias"):
-                    p.zero_() if adaln_zero else p.normal_(0.0, 0.02, generator=generator)
+                    if adaln_zero:
+                        p.zero_()
+                    else:
+                        p.normal_(0.0, 0.02, generator=generator)
                 elif name == "vocab_embed.embedding":
                     bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform(a=√5) on a (V, D) matrix
                     p.uniform_(-bound, bound, generator=generator)
@@ -274,7 +280,8 @@ class BD3LM(nn.Module):
                valid: torch.Tensor | None = None) -> None:
         """Store whole clean blocks (B, k·L') in the cache (block-causal among them); no logits are computed."""
         valid = torch.ones_like(blocks, dtype=torch.bool) if valid is None else valid
-        n, size = blocks.shape[1], self.config.block_size
+        n = blocks.shape[1]
+        size = self.config.block_size
         if n > size and cache.length + n > cache.capacity:
             # The window slides inside this chunk: each block must see its own window, so go one by one.
             for i in range(0, n, size):
@@ -287,7 +294,8 @@ class BD3LM(nn.Module):
     def _window_mask(self, cache: KVCache, valid: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, length + T) for T new tokens (whole blocks) after the cache: block-causal, each block
         seeing at most the model_length / L' − 1 blocks before it (the sliding window), never padding."""
-        cfg, t = self.config, valid.shape[1]
+        cfg = self.config
+        t = valid.shape[1]
         assert cache.length % cfg.block_size == 0, "the cache holds whole blocks"
         allowed = block_causal_mask(cache.length + t, cfg.block_size, valid.device, cfg.num_blocks,
                                     first_query=cache.length)

@@ -57,7 +57,8 @@ class CausalLMScorer:
         finally:
             hub_logging.set_verbosity(verbosity)
         cfg = self.model.config
-        self.name, self.device = name, device
+        self.name = name
+        self.device = device
         self.context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024
         self.stride = stride if stride is not None else max(self.context // 2, 1)
         if not 0 < self.stride <= self.context:
@@ -73,7 +74,8 @@ class CausalLMScorer:
         out = []
         for text in texts:
             ids = self.encode(text, max_length)
-            nll, count = 0.0, 0
+            nll = 0.0
+            count = 0
             for start, end, first in sliding_windows(len(ids), self.context, self.stride):
                 x = torch.tensor([ids[start:end]], device=self.device)
                 logp = self.model(x).logits[0].float().log_softmax(-1)  # (end − start, V)

@@ -90,8 +90,12 @@ def draw_samples(model: BD3LM, bos_id: int, sampler: SamplerConfig, cfg: GenPPLC
         raise ValueError(f"length {cfg.length} is not a multiple of the block size {block}")
     sampler = fixed_length_sampler(sampler, cfg.length)
     n = cfg.num_samples
-    samples, nfes, tries = [[] for _ in range(n)], [0] * n, [0] * n
-    exhausted, passes, pending = 0, 0, list(range(n))
+    samples = [[] for _ in range(n)]
+    nfes = [0] * n
+    tries = [0] * n
+    exhausted = 0
+    passes = 0
+    pending = list(range(n))
     while pending:
         retry = []
         for start in range(0, len(pending), cfg.batch_size):
@@ -106,7 +110,8 @@ def draw_samples(model: BD3LM, bos_id: int, sampler: SamplerConfig, cfg: GenPPLC
                 if bad and tries[i] < cfg.max_tries:
                     retry.append(i)
                     continue
-                samples[i], nfes[i] = ids, g.denoise_steps
+                samples[i] = ids
+                nfes[i] = g.denoise_steps
                 exhausted += bad
                 if progress:
                     progress(1)
@@ -148,7 +153,8 @@ def summarise(draws: Draws, scores: Sequence[SampleScore]) -> dict:
     """The paper's gen-PPL (mean of per-sample perplexities) and the numbers around it."""
     per_sample = [math.exp(s.nll / s.tokens) if s.tokens and math.isfinite(s.nll) else math.inf for s in scores]
     finite = [s for s in scores if math.isfinite(s.nll) and s.tokens]
-    total_nll, total_tok = sum(s.nll for s in finite), sum(s.tokens for s in finite)
+    total_nll = sum(s.nll for s in finite)
+    total_tok = sum(s.tokens for s in finite)
     n = len(scores)
     out = {
         "gen_ppl": sum(per_sample) / n,

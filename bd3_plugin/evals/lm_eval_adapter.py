@@ -165,7 +165,8 @@ class BD3EvalLM(TemplateLM):
                                batch_size=self.args.batch_size)
         greedy = (greedy_windows(self.model, wins, batch_size=self.args.batch_size) if self.args.greedy_check
                   else [False] * len(wins))
-        ll, ok = [0.0] * n_requests, [True] * n_requests
+        ll = [0.0] * n_requests
+        ok = [True] * n_requests
         for w, total, g in zip(wins, totals.mean(dim=1).tolist(), greedy):
             ll[w.doc] -= total
             ok[w.doc] &= g
@@ -180,7 +181,8 @@ class BD3EvalLM(TemplateLM):
         bar = tqdm(total=len(requests), desc="bd3 loglikelihood", disable=disable_tqdm)
         for start in range(0, len(order), _CHUNK):
             chunk = order[start : start + _CHUNK]
-            wins, seeds = [], []
+            wins = []
+            seeds = []
             for j, i in enumerate(chunk):
                 _, ctx_ids, cont_ids = requests[i]
                 request_wins = windows(ctx_ids + cont_ids, len(ctx_ids), self.max_length, doc=j)
@@ -211,7 +213,8 @@ class BD3EvalLM(TemplateLM):
         results = []
         for start in tqdm(range(0, len(requests), _CHUNK), desc="bd3 rolling", disable=disable_tqdm):
             chunk = requests[start : start + _CHUNK]
-            wins, tokens = [], []
+            wins = []
+            tokens = []
             for j, req in enumerate(chunk):
                 try:
                     w, n = rolling_windows(req.args[0], self.args.protocol, self.tok_encode, self.max_length,

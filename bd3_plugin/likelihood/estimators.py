@@ -69,7 +69,8 @@ def _log_weights(m: int, a: float, b: float) -> tuple[float, ...]:
         raise ValueError(f"the t-interval must satisfy 0 <= a <= b <= 1 and b > 0, got [{a}, {b}]")
     k = torch.arange(1, m + 1, dtype=torch.float64)
     if a == b:
-        t, log_g = torch.tensor([a], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        t = torch.tensor([a], dtype=torch.float64)
+        log_g = torch.zeros(1, dtype=torch.float64)
     else:
         # The integrand is a polynomial of degree m − 1: Gauss–Legendre with ⌊m/2⌋ + 1 nodes is exact, and
         # a sum of positive terms in log space does not cancel or underflow (w_k reaches 1e-300 at m ~ 1000).
@@ -164,24 +165,29 @@ def _strata(ks: tuple[int, ...], m: int, a: float, b: float, passes: int) -> tup
             single = 0.0 if c == 1 else w[j - 1] ** 2 * v[j - 1] * (c - ns) / (ns * (c - 1))
             cand = best[p - ns, j - 1] + single
             n_best = int(ns[np.argmin(cand)])
-            best[p, j], choice[p, j] = cand.min(), ("one", n_best)
+            best[p, j] = cand.min()
+            choice[p, j] = ("one", n_best)
             if j >= 2:
                 i = np.arange(0, j - 1)
                 zz = z[j] - z[i]
                 group = zz * (s1[j] - s1[i]) + DRIFT * (zz * (e2[j] - e2[i]) - (e1[j] - e1[i]) ** 2)
                 cost = best[p - 1, i] + group
                 if cost.min() < best[p, j]:
-                    best[p, j], choice[p, j] = cost.min(), ("group", int(i[np.argmin(cost)]))
+                    best[p, j] = cost.min()
+                    choice[p, j] = ("group", int(i[np.argmin(cost)]))
     p = int(np.argmin(best[:, n_k]))
-    out, j = [], n_k
+    out = []
+    j = n_k
     while j > 0:
         kind, x = choice[p, j]
         if kind == "one":
             out.append(((ks[j - 1],), x))
-            p, j = p - x, j - 1
+            p -= x
+            j -= 1
         else:
             out.append((ks[x:j], 1))
-            p, j = p - 1, x
+            p -= 1
+            j = x
     return tuple(reversed(out))
 
 
@@ -263,7 +269,8 @@ def row_plan(eligible: torch.Tensor, block_size: int, a: float, b: float, estima
         name = "exact" if need <= estimator.passes else "stratified"
     est = Estimator(name, estimator.passes)
     n = eligible.numel()
-    plans, control = [], torch.zeros(n, dtype=torch.float64)
+    plans = []
+    control = torch.zeros(n, dtype=torch.float64)
     for _, ps in sorted(blocks.items()):
         plan = block_plan(len(ps), a, b, est, generator)
         if name == "stratified" and uses_control(len(ps), a, b, est.passes):

@@ -61,7 +61,8 @@ def noisy_logits_vectorized(model: BD3LM, x_t: torch.Tensor, x_0: torch.Tensor, 
 
 def noisy_logits_per_block(model: BD3LM, x_t: torch.Tensor, x_0: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The same logits, one forward per block over (clean earlier blocks ⊕ noisy block b)."""
-    size, n = model.config.block_size, x_0.shape[1]
+    size = model.config.block_size
+    n = x_0.shape[1]
     out = []
     for start in range(0, n, size):
         end = min(start + size, n)

@@ -48,7 +48,8 @@ def windows(full: list[int], first: int, length: int, doc: int = 0) -> list[Wind
     """
     if not 0 <= first < len(full):
         raise ValueError(f"nothing to score: scored region [{first}, {len(full)}) is empty")
-    out, done = [], first
+    out = []
+    done = first
     while done < len(full):
         end = min(len(full), done + length - min(done, length // 2))
         start = max(end - length, 0)

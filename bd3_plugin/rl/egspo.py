@@ -113,7 +113,9 @@ class LengthBaseline:
     def __init__(self, bucket: int = 4, decay: float = 0.8) -> None:
         if bucket < 1 or not 0 <= decay < 1:
             raise ValueError(f"need bucket >= 1 and 0 <= decay < 1, got {bucket}, {decay}")
-        self.bucket, self.decay, self.means = bucket, decay, {}
+        self.bucket = bucket
+        self.decay = decay
+        self.means = {}
 
     def __call__(self, rewards: torch.Tensor, lengths: list[int], stopped: list[bool] | None = None) -> torch.Tensor:
         """The baseline of each rollout (B,), from the iterations before this one where a bucket has been
@@ -213,7 +215,8 @@ def build_batch(policy: BD3LM, trajectories: list[Trajectory], reward: Reward, c
     for j, (t, steps) in enumerate(zip(trajectories, chosen)):
         rows = _step_rows(t)
         for s, step in enumerate(steps):
-            hat[j, s, 0], hat[j, s, 1] = next(hat_flat), next(hat_flat)
+            hat[j, s, 0] = next(hat_flat)
+            hat[j, s, 1] = next(hat_flat)
             mask[j, s] = True
             old[j, s] = t.steps.logprob_tokens[rows[step]]
     if baseline is None:
@@ -265,7 +268,8 @@ def _chunk_loss(policy: BD3LM, ref: BD3LM, batch: Batch, idx: list[int], steps: 
         rows = _step_rows(t)
         chosen = [batch.chosen[j].index(s) for s in st]  # columns of the batch's (B, K) arrays
         new_lp = sc.step_logprob_tokens[torch.tensor([rows[s] for s in st])]
-        old_lp, adv = batch.old_logprob[j, chosen], batch.advantages[j, chosen]
+        old_lp = batch.old_logprob[j, chosen]
+        adv = batch.advantages[j, chosen]
         if first:
             acc["gap"] = max(acc["gap"], (new_lp.detach() - old_lp).abs().max().item())
         surrogate, ratio = clipped_surrogate(new_lp, old_lp, adv, cfg.clip_low, cfg.clip_high)
@@ -290,11 +294,13 @@ def update(policy: BD3LM, ref: BD3LM, optimizer: torch.optim.Optimizer, batch: B
     n_chosen = max(sum(len(c) for c in batch.chosen), 1)
     live = [j for j, st in enumerate(steps) if st]
     n_scored = sum(len(steps[j]) for j in live)
-    scoring = optimising = 0.0
+    scoring = 0.0
+    optimising = 0.0
     for inner in range(cfg.inner_steps):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, tot = 0.0, dict(gap=0.0, kl=0.0, tokens=0, ratio=0.0, clipped=0)
+        loss_sum = 0.0
+        tot = dict(gap=0.0, kl=0.0, tokens=0, ratio=0.0, clipped=0)
         order = sorted(live, key=lambda j: len(batch.trajectories[j].tokens))  # similar lengths share a replay
         for c in range(0, len(order), cfg.chunk):
             idx = order[c : c + cfg.chunk]
@@ -312,7 +318,8 @@ def update(policy: BD3LM, ref: BD3LM, optimizer: torch.optim.Optimizer, batch: B
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         t2 = time.perf_counter()
-        scoring, optimising = scoring + t1 - t0, optimising + t2 - t1
+        scoring += t1 - t0
+        optimising += t2 - t1
     n = max(n_scored, 1)
     kl = tot["kl"] / tot["tokens"] if tot["tokens"] else None
     return UpdateStats(loss_sum + cfg.anchor_weight * anchor_loss, kl,

@@ -24,7 +24,9 @@ class CoreEngine:
 
     def __init__(self, model: BD3LM, sampler: SamplerConfig, eos_id: int | None) -> None:
         self.model = copy.deepcopy(model).eval()
-        self.sampler, self.eos_id, self.version = sampler, eos_id, "start"
+        self.sampler = sampler
+        self.eos_id = eos_id
+        self.version = "start"
 
     def rollouts(self, prompts: Sequence[Sequence[int]], group: int, seed: int) -> list[list[Trajectory]]:
         rows = [list(p) for p in prompts for _ in range(group)]

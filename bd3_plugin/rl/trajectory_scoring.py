@@ -49,7 +49,8 @@ def _canvas(model: BD3LM, trajectories: Sequence[Trajectory], steps):
                          f"slid its cache window, which one replay pass cannot reproduce")
     b = len(seqs)
     x_0 = torch.zeros(b, n, dtype=torch.long)
-    valid, wanted = torch.zeros(b, n, dtype=torch.bool), torch.zeros(b, n, dtype=torch.bool)
+    valid = torch.zeros(b, n, dtype=torch.bool)
+    wanted = torch.zeros(b, n, dtype=torch.bool)
     passes = torch.zeros(b, n, dtype=torch.long)
     block = torch.arange(n).expand(b, n) // cfg.block_size  # (B, n)
     for j, (t, seq) in enumerate(zip(trajectories, seqs)):
@@ -57,7 +58,9 @@ def _canvas(model: BD3LM, trajectories: Sequence[Trajectory], steps):
             raise ValueError(f"trajectory {j} was sampled with block size {t.block_size} and mask id "
                              f"{t.mask_id}, the model has {cfg.block_size} and {cfg.mask_id}")
         off = t.first_block * cfg.block_size
-        x_0[j, : len(seq)], valid[j, : len(seq)], passes[j, off : len(seq)] = seq, True, t.reveal_pass
+        x_0[j, : len(seq)] = seq
+        valid[j, : len(seq)] = True
+        passes[j, off : len(seq)] = t.reveal_pass
         if steps is None or steps[j] is None:
             wanted[j] = passes[j] > 0
         else:
@@ -94,14 +97,16 @@ def score_trajectory(model: BD3LM, trajectories: Sequence[Trajectory], *,
         x_t = torch.where(passes >= r, torch.full_like(x_0, mask_id), x_0)
         logits = model.forward_train(x_t, x_0, valid)  # (B, n, V)
         for j, t in enumerate(trajectories):
-            cfg, part = t.sampler, parts[j]
+            cfg = t.sampler
+            part = parts[j]
             where = now[j].nonzero()[:, 0]
             if not len(where):
                 continue
             lp, raw, ent = token_terms(logits[j, where], x_0[j, where], mask_id, cfg.temperature, cfg.top_p,
                                        cfg.top_k)
             off = t.first_block * t.block_size
-            part["idx"].append(where - off), part["lp"].append(lp), part["raw"].append(raw), part["ent"].append(ent)
+            for key, value in (("idx", where - off), ("lp", lp), ("raw", raw), ("ent", ent)):
+                part[key].append(value)
             if samplers[j].selection_reads_left:
                 blocks_now = block[j, where].unique()
                 miss = ((passes[j] > r) & torch.isin(block[j], blocks_now)).nonzero()[:, 0]
@@ -133,7 +138,9 @@ def _step_rows(t: Trajectory, block: torch.Tensor, grid: torch.Tensor) -> torch.
 
 
 def _assemble(t: Trajectory, part: dict, sampler: Sampler) -> TrajectoryScores:
-    n, st, gen = len(t.tokens), t.steps, t.reveal_pass > 0
+    n = len(t.tokens)
+    st = t.steps
+    gen = t.reveal_pass > 0
     slot_at = [torch.cat(part["idx"]).cpu()] if part["idx"] else []
     lp, raw, ent = (_scatter(n, slot_at, part[k]) for k in ("lp", "raw", "ent"))
     dev = lp.device
@@ -142,8 +149,10 @@ def _assemble(t: Trajectory, part: dict, sampler: Sampler) -> TrajectoryScores:
         scored[slot_at[0]] = True
     steps = len(st.block)
     step_of = _step_rows(t, t.block[gen], t.reveal_grid[gen])  # (generated slots,)
-    sums = lambda v: torch.zeros(steps, dtype=torch.float64, device=dev).index_add(0, step_of.to(dev),  # noqa: E731
-                                                                                   v[gen.to(dev)])
+
+    def sums(v: torch.Tensor) -> torch.Tensor:  # (steps,) sum of v over the slots each step revealed
+        return torch.zeros(steps, dtype=torch.float64, device=dev).index_add(0, step_of.to(dev), v[gen.to(dev)])
+
     n_revealed = torch.zeros(steps, dtype=torch.long).index_add(0, step_of, torch.ones_like(step_of))
     step_scored = torch.zeros(steps, dtype=torch.bool).index_put((step_of[scored[gen]],), torch.tensor(True))
     # Masked before a step: the block's generated slots revealed at that step or later.
@@ -160,7 +169,8 @@ def _selection(t: Trajectory, part: dict, sampler: Sampler, n_masked: torch.Tens
     θ-free term from the counts and the grid levels, plus its terms at the slots each step left masked,
     NaN where the record says the sampler's terms do not describe the step."""
     st = t.steps
-    steps, grid = t.sampler.steps or t.block_size, st.grid.double()
+    steps = t.sampler.steps or t.block_size
+    grid = st.grid.double()
     select = sampler.selection_log_prob(n_masked, n_revealed, 1 - grid / steps, 1 - (grid + 1) / steps).to(dev)
     if part["miss_idx"]:
         miss_idx = torch.cat(part["miss_idx"]).cpu()
@@ -178,9 +188,12 @@ def _pack(model: BD3LM, prompts: Sequence[Sequence[int]], completions: Sequence[
     if n > model.config.model_length:
         raise ValueError(f"a sequence of {n} tokens exceeds model_length {model.config.model_length}")
     x_0 = torch.zeros(len(seqs), n, dtype=torch.long)
-    valid, completion = torch.zeros(len(seqs), n, dtype=torch.bool), torch.zeros(len(seqs), n, dtype=torch.bool)
+    valid = torch.zeros(len(seqs), n, dtype=torch.bool)
+    completion = torch.zeros(len(seqs), n, dtype=torch.bool)
     for j, (p, s) in enumerate(zip(prompts, seqs)):
-        x_0[j, : len(s)], valid[j, : len(s)], completion[j, len(p) : len(s)] = torch.tensor(s), True, True
+        x_0[j, : len(s)] = torch.tensor(s)
+        valid[j, : len(s)] = True
+        completion[j, len(p) : len(s)] = True
     dev = model.device
     return x_0.to(dev), valid.to(dev), completion.to(dev)
 
@@ -216,7 +229,8 @@ def shared_noise_nelbo(models: Sequence[BD3LM], x_0: torch.Tensor, generators: G
     valid, eligible = scored_tokens(x_0, valid, eligible)
     draw = draw_noise(x_0, eligible, cfg.block_size, cfg.mask_id, generators, samples=samples,
                       eps_min=eps_min, eps_max=eps_max, antithetic=antithetic, lengths=valid.sum(1).tolist())
-    x0_rep, valid_rep = x_0.repeat_interleave(samples, dim=0), valid.repeat_interleave(samples, dim=0)
+    x0_rep = x_0.repeat_interleave(samples, dim=0)
+    valid_rep = valid.repeat_interleave(samples, dim=0)
     terms = [terms_from_logits(m.forward_train(draw.x_t, x0_rep, valid_rep), draw, x0_rep, cfg.mask_id)
              .view(x_0.shape[0], samples, -1) for m in models]
     return terms, draw
@@ -243,7 +257,8 @@ def coupled_logprobs(model: BD3LM, prompts: Sequence[Sequence[int]], completions
         raise ValueError(f"need 0 < t_min <= t_max < 1, got {t_min}, {t_max}")
     x_0, valid, completion = _pack(model, prompts, completions)
     b, n = x_0.shape
-    size, mask_id = model.config.block_size, model.config.mask_id
+    size = model.config.block_size
+    mask_id = model.config.mask_id
     t = torch.full((b, n), 0.5, dtype=torch.float64)  # padding keeps a harmless level
     u = torch.ones(b, n, dtype=torch.float64)
     for j, (gen, m) in enumerate(zip(per_row(generators, b), valid.sum(1).tolist())):
@@ -251,11 +266,13 @@ def coupled_logprobs(model: BD3LM, prompts: Sequence[Sequence[int]], completions
         levels = t_min + (t_max - t_min) * torch.rand(-(-m // size), generator=gen, dtype=torch.float64)
         t[j, :m] = levels.repeat_interleave(size)[:m]
         u[j, :m] = torch.rand(m, generator=gen, dtype=torch.float64)
-    t, u = t.to(x_0.device), u.to(x_0.device)
+    t = t.to(x_0.device)
+    u = u.to(x_0.device)
     mask_a = completion & (u < t)
     mask_b = completion & ~mask_a
     views = torch.cat((torch.where(mask_a, mask_id, x_0), torch.where(mask_b, mask_id, x_0)))  # (2B, n)
     lp = _masked_log_probs(model, views, x_0.repeat(2, 1), valid.repeat(2, 1))
-    lp_a, lp_b = torch.where(mask_a, lp[:b], 0.0), torch.where(mask_b, lp[b:], 0.0)
+    lp_a = torch.where(mask_a, lp[:b], 0.0)
+    lp_b = torch.where(mask_b, lp[b:], 0.0)
     weighted = lp_a / t + lp_b / (1 - t)
     return CoupledScores(lp_a, lp_b, mask_a, completion, t, weighted)

@@ -16,6 +16,10 @@ _EXPORTS = {
     "Trajectory": "trajectory",
     "BlockRecorder": "trajectory",
     "token_probs": "samplers",
+    "Sampler": "registry",
+    "StepResult": "samplers",
+    "register_sampler": "registry",
+    "sampler_for": "registry",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -19,9 +19,11 @@ class BlockBatch:
     """The rows still decoding: their current block, positions, pending clean blocks and bookkeeping."""
 
     def __init__(self, model: BD3LM, prompts: Sequence[Sequence[int]], generators: list[torch.Generator]):
-        cfg, dev = model.config, model.device
+        cfg = model.config
+        dev = model.device
         self.model = model
-        self.size, self.mask_id = cfg.block_size, cfg.mask_id
+        self.size = cfg.block_size
+        self.mask_id = cfg.mask_id
         whole = [len(p) // self.size for p in prompts]
         self.rows = list(range(len(prompts)))  # original index of each live row
         self.generators = generators
@@ -62,7 +64,8 @@ class BlockBatch:
     def forward(self, block: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
         """One denoising pass over `block` (B, L') at the current positions -> logits (B, L', V), valid at
         `read`; the pending clean blocks are stored in the cache by the same pass."""
-        pending, self.pending = self.pending, None
+        pending = self.pending
+        self.pending = None
         return self.model.denoise(block, self.positions(), self.cache, read=read, clean=pending)
 
     def positions(self) -> torch.Tensor:
@@ -76,7 +79,8 @@ class BlockBatch:
         self.rows = [self.rows[i] for i in live]
         self.generators = [self.generators[i] for i in live]
         self.cache.select_rows(idx)
-        self.block, self.start = self.block[idx], self.start[idx]
+        self.block = self.block[idx]
+        self.start = self.start[idx]
         self.first_gen = [self.first_gen[i] for i in live]
 
     def next_block(self) -> None:

@@ -32,7 +32,9 @@ def denoise_block(block: torch.Tensor, forward: Callable[[torch.Tensor, torch.Te
     `read`, before the pass and before the token, as it would drawing both after the pass."""
     sampler = sampler_for(config, mask_id)
     steps = config.steps or block.shape[1]
-    passes, grid_i, logits = 0, 0, None
+    passes = 0
+    grid_i = 0
+    logits = None
     # Caching (DDPM): the network ignores t, so a row's logits change only when its block does; a cached
     # row's masked slots are a subset of those read when its logits were computed (nothing is re-masked).
     stale = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
@@ -54,7 +56,8 @@ def denoise_block(block: torch.Tensor, forward: Callable[[torch.Tensor, torch.Te
             logits = fresh
             passes += 1
             row_steps += needs.long()
-        t, s = 1 - grid_i / steps, 1 - (grid_i + 1) / steps
+        t = 1 - grid_i / steps
+        s = 1 - (grid_i + 1) / steps
         result = sampler.step(logits, masked, read, generators, grid_i, t, s, with_probs=recorder is not None)
         reveal = result.reveal
         if sampler.keeps_logits:

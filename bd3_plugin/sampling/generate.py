@@ -59,10 +59,13 @@ def _builders(prompts, generators: Generators | None, model: BD3LM, config: Samp
               ) -> list[TrajectoryBuilder]:
     """One trajectory builder per row, with the row's seed and whether that seed alone replays it."""
     if generators is None:
-        seeds, drawn, replays = draw_seeds(len(prompts)), True, [True] * len(prompts)
+        seeds = draw_seeds(len(prompts))
+        drawn = True
+        replays = [True] * len(prompts)
     else:
         gens = per_row(generators, len(prompts))
-        seeds, drawn = [g.initial_seed() for g in gens], False
+        seeds = [g.initial_seed() for g in gens]
+        drawn = False
         shared = len({id(g) for g in gens}) < len(gens)
         replays = [not shared and torch.equal(g.get_state(), torch.Generator().manual_seed(sd).get_state())
                    for g, sd in zip(gens, seeds)]
@@ -92,7 +95,8 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
     batch = BlockBatch(model, prompts, per_row(generators, len(prompts)))
     out = [Generation() for _ in prompts]
     row_commits = [int(c) for c in batch.commit_overflow()]
-    commits, denoise = max(row_commits, default=0), 0
+    commits = max(row_commits, default=0)
+    denoise = 0
     while batch.rows:
         recorder = BlockRecorder(config, batch.mask_id) if record else None
         done = denoise_block(batch.block, batch.forward, config, batch.generators, batch.mask_id,
@@ -130,10 +134,12 @@ def _collect(batch: BlockBatch, reveal_step: torch.Tensor, prompts, config: Samp
         hit_eos = config.stop_at_eos and eos_id is not None and eos_id in new
         if hit_eos:
             cut = new.index(eos_id)
-            new, steps = new[:cut], steps[:cut]
+            new = new[:cut]
+            steps = steps[:cut]
         g.tokens += new
         g.reveal_steps += steps
-        n, cap = len(g.tokens), config.max_new_tokens
+        n = len(g.tokens)
+        cap = config.max_new_tokens
         if n > cap or (n == cap and not hit_eos):
             del g.tokens[cap:], g.reveal_steps[cap:]
             g.finish_reason = "length"

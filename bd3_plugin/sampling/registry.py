@@ -85,7 +85,8 @@ class Sampler:
     uses_grid: ClassVar[bool] = False  # the step reads the levels t, s of SamplerConfig.steps grid points
 
     def __init__(self, config, mask_id: int) -> None:
-        self.config, self.mask_id = config, mask_id
+        self.config = config
+        self.mask_id = mask_id
         self.filters = dict(mask_id=mask_id, temperature=config.temperature, top_p=config.top_p,
                             top_k=config.top_k)
 

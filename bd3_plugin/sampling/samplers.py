@@ -195,7 +195,8 @@ def ddpm_selection_log_prob(n_masked: torch.Tensor, n_revealed: torch.Tensor, t:
     """log-prob that a DDPM step from t to s revealed exactly the slots it did, given the counts (θ-free):
     the Bernoulli terms n_rev·log p + (n_masked − n_rev)·log(1 − p), p = `ddpm_reveal_probability`.
     Arguments broadcast; levels are float64 tensors, so a whole step table is one call."""
-    n_masked, n_revealed = n_masked.double(), n_revealed.double()
+    n_masked = n_masked.double()
+    n_revealed = n_revealed.double()
     p = torch.where(s <= 0, torch.ones_like(s), (t - s) / t)  # ddpm_reveal_probability, elementwise
     kept = n_masked - n_revealed
     return n_revealed * p.log() + torch.where(kept > 0, kept * torch.log1p(-p), torch.zeros_like(kept))

@@ -132,12 +132,15 @@ class Trajectory:
         if not 0 <= i < len(self.tokens):
             raise ValueError(f"block {block} was not denoised (blocks {self.first_block}.."
                              f"{self.first_block + len(self.tokens) // self.block_size - 1})")
-        tokens, passes = self.tokens[i : i + self.block_size], self.reveal_pass[i : i + self.block_size]
+        tokens = self.tokens[i : i + self.block_size]
+        passes = self.reveal_pass[i : i + self.block_size]
         return torch.where(passes >= pass_index, torch.full_like(tokens, self.mask_id), tokens)
 
     def to_json(self) -> dict:
         """Plain lists and numbers (NaN as None), e.g. for a server response; `from_json` inverts it."""
-        plain = lambda v: [None if x != x else x for x in v.tolist()] if torch.is_tensor(v) else v  # noqa: E731
+        def plain(v):
+            return [None if x != x else x for x in v.tolist()] if torch.is_tensor(v) else v
+
         out = {f: plain(getattr(self, f)) for f in self.__dataclass_fields__ if f not in ("steps", "sampler")}
         out["steps"] = {f: plain(getattr(self.steps, f)) for f in self.steps.__dataclass_fields__}
         out["sampler"] = {f: getattr(self.sampler, f) for f in self.sampler.__dataclass_fields__}
@@ -184,7 +187,8 @@ class BlockRecorder:
     """Passed to `denoise_block(..., recorder=...)`: records one block of a batch, step by step."""
 
     def __init__(self, config, mask_id: int) -> None:
-        self.config, self.mask_id = config, mask_id
+        self.config = config
+        self.mask_id = mask_id
         self.sampler = sampler_for(config, mask_id)
 
     def begin(self, block: torch.Tensor) -> None:
@@ -201,26 +205,36 @@ class BlockRecorder:
         are the proposals at every masked slot), each row's pass count (B,), the grid index and levels. The
         sampler's distributions come from `result.probs` at `result.scored`, and `logits` is read only at the
         revealed slots; a result without them has them computed here, at every masked slot."""
-        cfg, sampler = self.config, self.sampler
-        where, probs = result.scored, result.probs
+        cfg = self.config
+        sampler = self.sampler
+        where = result.scored
+        probs = result.probs
         if probs is None:
-            where, probs = masked, token_probs(logits[masked], self.mask_id, cfg.temperature, cfg.top_p, cfg.top_k)
-        reveal, tok = result.reveal, result.tokens[result.reveal]
+            where = masked
+            probs = token_probs(logits[masked], self.mask_id, cfg.temperature, cfg.top_p, cfg.top_k)
+        reveal = result.reveal
+        tok = result.tokens[result.reveal]
         raw = raw_log_probs(logits[reveal], self.mask_id).gather(-1, tok[:, None]).squeeze(-1)
         q_tok = probs[reveal[where]].gather(-1, tok[:, None]).squeeze(-1)  # (n,) the sampler's p of each token
         if cfg.temperature == 0:  # a point mass on the argmax
-            lp, ent = torch.zeros_like(raw), torch.zeros_like(raw)
+            lp = torch.zeros_like(raw)
+            ent = torch.zeros_like(raw)
         else:
-            lp, ent = q_tok.log(), entropy(probs[reveal[where]])
-        self.logprob[reveal], self.logprob_raw[reveal], self.entropy[reveal] = lp, raw, ent
+            lp = q_tok.log()
+            ent = entropy(probs[reveal[where]])
+        self.logprob[reveal] = lp
+        self.logprob_raw[reveal] = raw
+        self.entropy[reveal] = ent
         self.reveal_pass[reveal] = passes[:, None].expand_as(reveal)[reveal]
         self.reveal_grid[reveal] = grid
         row = reveal.nonzero()[:, 0]  # (n,) row of each revealed slot, row-major like logits[reveal]
-        n_masked, n_revealed = masked.sum(dim=1), reveal.sum(dim=1)
+        n_masked = masked.sum(dim=1)
+        n_revealed = reveal.sum(dim=1)
         lp_sum = torch.zeros(len(masked), dtype=torch.float64, device=masked.device).index_add_(0, row, lp)
         ent_sum = torch.zeros_like(lp_sum).index_add_(0, row, ent)
-        level = lambda x: torch.tensor(x, dtype=torch.float64, device=masked.device)  # noqa: E731
-        select = sampler.selection_log_prob(n_masked, n_revealed, level(t), level(s))
+        t_level = torch.tensor(t, dtype=torch.float64, device=masked.device)
+        s_level = torch.tensor(s, dtype=torch.float64, device=masked.device)
+        select = sampler.selection_log_prob(n_masked, n_revealed, t_level, s_level)
         if sampler.selection_reads_left:
             left = masked & ~reveal
             select = select + torch.zeros_like(lp_sum).index_add_(0, left.nonzero()[:, 0],

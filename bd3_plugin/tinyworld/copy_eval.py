@@ -39,7 +39,9 @@ def solve(ckpt, items: list[CopyItem], sampler: SamplerConfig, seed: int = 0,
     config = replace(sampler, max_new_tokens=source.config.answer_tokens)
     out = generate(ckpt.model, prompts, config, seeded_generators([seed + i for i in range(len(items))]),
                    eos_id=eos)
-    correct, tokens, passes = 0, 0, 0
+    correct = 0
+    tokens = 0
+    passes = 0
     for item, g in zip(items, out.generations):
         hit_eos = g.finish_reason == "eos"
         words = ckpt.tokenizer.convert_ids_to_tokens(g.tokens) + ([EOS] if hit_eos else [])

@@ -83,7 +83,8 @@ class CopySource:
     def next_token(self, prefix: list[str]) -> dict[str, float]:
         """The source's exact distribution of the next token after `prefix` ({} if the prefix is impossible
         or complete): uniform over the alphabet in the list, a point mass in the separator and the answer."""
-        c, i = self.config, len(prefix)
+        c = self.config
+        i = len(prefix)
         if i >= c.doc_tokens or not self._possible(prefix):
             return {}
         if i < c.n_words:
@@ -120,7 +121,8 @@ class CopySource:
         E[Σᵢ H(aᵢ | prompt, a<ᵢ)] / answer length, summed over every answer the source can give."""
         if len(prompt) != self.config.prompt_tokens:
             raise ValueError(f"a prompt has {self.config.prompt_tokens} tokens, got {len(prompt)}")
-        total, stack = 0.0, [(1.0, list(prompt))]
+        total = 0.0
+        stack = [(1.0, list(prompt))]
         while stack:
             p_path, doc = stack.pop()
             if len(doc) == self.config.doc_tokens:

@@ -11,7 +11,8 @@ from bd3_plugin.tinyworld.grammar import EOS, Source, corpus, doc_text
 PACKAGE_DIR = Path(__file__).parent.parent  # bd3_plugin/
 CHECKPOINTS = PACKAGE_DIR / "checkpoints"
 HELDOUT = PACKAGE_DIR / "data" / "synthetic_heldout.jsonl"
-TRAIN_SEED, HELDOUT_SEED = 1000, 7  # disjoint seeds: held-out documents are drawn independently
+TRAIN_SEED = 1000  # disjoint seeds: held-out documents are drawn independently
+HELDOUT_SEED = 7
 BLOCK_SIZES = (1, 4, 16, 128)  # 128 = model_length: the MDLM-like checkpoint
 DEFAULT_BLOCK_SIZE = 4
 

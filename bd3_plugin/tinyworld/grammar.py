@@ -14,7 +14,9 @@ import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-EOS, MASK, UNK = "<eos>", "<mask>", "<unk>"
+EOS = "<eos>"
+MASK = "<mask>"
+UNK = "<unk>"
 SPECIALS = (UNK, EOS, MASK)  # ids 0, 1, 2
 
 State = tuple
@@ -96,7 +98,8 @@ class Source:
 
     # ---- the grammar, one phase per state kind ------------------------------------------------
     def _transitions(self, state: State) -> list[tuple[str, float, State]]:
-        kind, k = state[0], state[1]
+        kind = state[0]
+        k = state[1]
         c = self.config
         if kind == "S":  # sentence start; after a full stop the document may end
             _, _, first, s = state

@@ -54,7 +54,8 @@ def world_rows(paths: list[Path] | None = None, *, mc_samples: int = 4, n_sample
         docs = [ckpt.encode(d.text) + [ckpt.eos_id] for d in heldout]
         rep = report(score_documents(ckpt.model, docs, bos_id=ckpt.tokenizer.bos_token_id, mc_samples=mc_samples,
                                      seed=seed, batch_size=32, progress=progress), sum(len(d) for d in docs))
-        valid, finished = {}, {}
+        valid = {}
+        finished = {}
         for algorithm in ALGORITHMS:
             valid[algorithm], finished[algorithm] = sample_validity(ckpt, algorithm, n_samples, seed)
         rows.append(WorldRow(Path(path).name, ckpt.config.block_size, rep.nll_per_token, rep.mc_stderr,
@@ -111,7 +112,8 @@ def copy_rows(paths: list[Path] | None = None, *, threshold: float = 0.9, mc_sam
 
 def heldout_answer_entropy(n_items: int | None = None) -> float:
     """The source's exact answer entropy (nats per answer token), averaged over the held-out prompts."""
-    source, items = CopySource(), read_copy_heldout(COPY_HELDOUT)[:n_items]
+    source = CopySource()
+    items = read_copy_heldout(COPY_HELDOUT)[:n_items]
     return sum(source.answer_entropy(i.prompt.split()) for i in items) / len(items)
 
 

@@ -45,7 +45,9 @@ class DocumentReward:
     `logprob_weight` w, a valid document gets w · its exact log-prob per token on top."""
 
     def __init__(self, tokenizer, logprob_weight: float = 0.0) -> None:
-        self.tokenizer, self.weight, self.source = tokenizer, logprob_weight, Source()
+        self.tokenizer = tokenizer
+        self.weight = logprob_weight
+        self.source = Source()
 
     def words(self, prompt: Sequence[int], completion: Sequence[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(list(prompt[1:]) + list(completion)) + [EOS]
@@ -78,7 +80,8 @@ class SourceNelbo:
         from bd3_plugin.training.trainer import TrainConfig, rows_from_stream
         from bd3_plugin.tinyworld.data import stream_ids
 
-        self.model, self.rows = model, rows
+        self.model = model
+        self.rows = rows
         cfg = model.config
         self.noise = TrainConfig(block_size=cfg.block_size, model_length=cfg.model_length)  # training's noise
         docs = training_docs(n_docs, seed=seed + 1)  # not the prompts' documents
@@ -105,7 +108,8 @@ class WorldEval:
 def source_reference(samples: int, seed: int = 0) -> dict:
     """The source's own mean length (tokens, EOS included) and distinct-document rate over `samples`
     documents it draws: what the model's samples should stay near."""
-    rng, source = random.Random(seed), Source()
+    rng = random.Random(seed)
+    source = Source()
     docs = [tuple(source.sample(rng)) for _ in range(samples)]
     return {"mean_length": sum(map(len, docs)) / samples, "distinct": len(set(docs)) / samples}
 
@@ -119,7 +123,8 @@ def evaluate(model: BD3LM, tokenizer, sampler: SamplerConfig, *, samples: int, s
     prompts = heldout_prompts(tokenizer)
     rows = [prompts[i % len(prompts)] for i in range(samples)]
     reward = DocumentReward(tokenizer)
-    docs, finished = [], []
+    docs = []
+    finished = []
     was_training = model.training
     model.eval()
     for start in range(0, samples, batch):

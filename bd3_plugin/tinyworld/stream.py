@@ -40,12 +40,15 @@ def stream_logprobs(source: Source, words: Sequence[str]) -> list[float | None]:
 
 def document_validity(words: Sequence[str], logprobs: Sequence[float | None]) -> tuple[int, int]:
     """(valid, complete) documents of a scored stream: those that end in `<eos>` inside it."""
-    valid = complete = 0
+    valid = 0
+    complete = 0
     ok = True
     for word, lp in zip(words[1:], logprobs):
         ok &= lp is not None and math.isfinite(lp)
         if word == EOS:
-            complete, valid, ok = complete + 1, valid + ok, True
+            complete += 1
+            valid += ok
+            ok = True
     return valid, complete
 
 

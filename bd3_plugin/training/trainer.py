@@ -102,7 +102,11 @@ def loss_fn(model: BD3LM, x0: torch.Tensor, gen: torch.Generator, tc: TrainConfi
 class Trainer:
     def __init__(self, tc: TrainConfig, rows: torch.Tensor, vocab_size: int, mask_id: int, out: Path,
                  tokenizer=None, device: str = "cpu") -> None:
-        self.tc, self.rows, self.out, self.tokenizer, self.device = tc, rows, Path(out), tokenizer, device
+        self.tc = tc
+        self.rows = rows
+        self.out = Path(out)
+        self.tokenizer = tokenizer
+        self.device = device
         torch.manual_seed(tc.seed)
         self.model = BD3LM(tc.model_config(vocab_size, mask_id)).to(device)
         self.model.reset_parameters(torch.Generator().manual_seed(tc.seed))
@@ -123,7 +127,8 @@ class Trainer:
         src = load_checkpoint(path)
         if src.config.mask_id != mask_id:
             raise ValueError(f"--init-from {path}: its mask id {src.config.mask_id} is not the tokenizer's {mask_id}")
-        theirs, mine = src.model.state_dict(), self.model.state_dict()
+        theirs = src.model.state_dict()
+        mine = self.model.state_dict()
         bad = sorted(k for k in mine.keys() | theirs.keys()
                      if k not in mine or k not in theirs or mine[k].shape != theirs[k].shape)
         if bad:
@@ -136,14 +141,18 @@ class Trainer:
         if not path.is_file():
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)
-        fixed = lambda d: {k: v for k, v in d.items() if k not in ("steps", "save_every")}  # noqa: E731
+
+        def fixed(d: dict) -> dict:  # the settings a resumed run may not change
+            return {k: v for k, v in d.items() if k not in ("steps", "save_every")}
+
         if fixed(state["train_config"]) != fixed(asdict(self.tc)):
             raise ValueError(f"{path} was written with other settings; use a new --out or the same flags")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["generator"])
-        self.step, self.losses = state["step"], state["losses"]
+        self.step = state["step"]
+        self.losses = state["losses"]
         return True
 
     def save(self) -> None:

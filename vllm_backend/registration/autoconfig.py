@@ -43,11 +43,6 @@ def bd3_block_size(model: str) -> int | None:
     except (OSError, ValueError):
         return None
     return BD3Config.from_dict(raw).block_size if BD3Config.describes(raw) else None
-    if raw.get("model_type") == "bd3lm":
-        return int(raw.get("block_size", 4))
-    if raw.get("model_type") == "mdlm":
-        return int(raw.get("block_size", raw.get("model_length", 1024)))
-    return None
 
 
 def _device(platform) -> str:
@@ -154,7 +149,8 @@ def check_blocks(config) -> None:
     if not getattr(config.model_config.hf_config, "to_bd3", None):
         return
     size = config.model_config.hf_config.to_bd3().block_size
-    budget, length = config.scheduler_config.max_num_batched_tokens, config.model_config.max_model_len
+    budget = config.scheduler_config.max_num_batched_tokens
+    length = config.model_config.max_model_len
     if budget < size:
         raise BD3ConfigError(f"--max-num-batched-tokens {budget} cannot hold one block of {size} tokens; "
                              f"use at least {size}")

@@ -82,7 +82,8 @@ def greedy_completions(llm: vllm.LLM, states: list[tuple[Trajectory, int, int]],
     from vllm.inputs import TokensPrompt
 
     vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
-    done, requests = [], []
+    done = []
+    requests = []
     for traj, b, p in states:
         start = completion_start(traj, b, p, max_new_tokens)
         done.append(start.head[: start.limit])
@@ -128,7 +129,8 @@ async def attach_trajectories(request, call_next):
         return error_response(NO_STREAM, TRACE_KEY)
     if request.url.path == ROUTES[0] and _several_prompts(body.get("prompt")):
         return error_response(ONE_PROMPT, TRACE_KEY)
-    key, asked_ids = new_key(), bool(body.get("return_token_ids"))
+    key = new_key()
+    asked_ids = bool(body.get("return_token_ids"))
     body["vllm_xargs"][TRACE_KEY] = key
     body["return_token_ids"] = True  # the choices' token counts: where vLLM stopped each one
     request._body = json.dumps(body).encode()  # Starlette's cached request replays `_body` to the app

@@ -29,7 +29,8 @@ def _bd3(vllm_config):
 class MaskProposer:
     def __init__(self, vllm_config) -> None:
         cfg = _bd3(vllm_config)
-        self.block_size, self.mask_id = cfg.block_size, cfg.mask_id
+        self.block_size = cfg.block_size
+        self.mask_id = cfg.mask_id
 
     def load_model(self, *args, **kwargs) -> None:  # the CPU runner calls it on every drafter
         pass

@@ -35,7 +35,8 @@ class TopLogprobsRecorder(BlockRecorder):
 
     def __init__(self, config, mask_id: int, k: int, raw: bool) -> None:
         super().__init__(config, mask_id)
-        self.k, self.raw = k, raw
+        self.k = k
+        self.raw = raw
 
     def begin(self, block: torch.Tensor) -> None:
         super().begin(block)
@@ -58,7 +59,8 @@ class TopLogprobsRecorder(BlockRecorder):
         self.rank[reveal] = (dist >= dist.gather(-1, tok)).sum(dim=-1)
         if self.k:
             values, ids = dist.topk(min(self.k, dist.shape[-1]), dim=-1)
-            self.top_logprobs[reveal, : values.shape[-1]], self.top_ids[reveal, : ids.shape[-1]] = values, ids
+            self.top_logprobs[reveal, : values.shape[-1]] = values
+            self.top_ids[reveal, : ids.shape[-1]] = ids
 
 
 @dataclass
@@ -158,7 +160,8 @@ class RunnerTraces:
         j-th returned token; column 0 the token itself, then the top k (vLLM keeps each request's own k)."""
         if self.step_k is None or not self.step_logprobs:
             return None
-        k, n = self.step_k, len(req_ids)
+        k = self.step_k
+        n = len(req_ids)
         ids = torch.zeros(n, width, k + 1, dtype=torch.int32)
         values = torch.full((n, width, k + 1), -float("inf"), dtype=torch.float32)
         ranks = torch.ones(n, width, dtype=torch.int64)

@@ -59,11 +59,13 @@ class BD3RunnerMixin:
         return out
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
-        self._step, self._split = scheduler_output, {}
+        self._step = scheduler_output
+        self._split = {}
         try:
             return super().execute_model(scheduler_output, intermediate_tensors)
         finally:
-            self._step, self._split = None, {}
+            self._step = None
+            self._split = {}
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         # `_sample` reads no logits (the blocks are decoded inside `_model_forward`): with no logits
@@ -93,7 +95,8 @@ class BD3RunnerMixin:
     def _block_rows(self, step) -> list[tuple[str, int, int]]:
         """(req_id, first query token of its block, number of masks) for each request with a block. The
         block is the query's last L' tokens; a query of 2 L' starts with the previous block, clean."""
-        size, rows = self.bd3.block_size, []
+        size = self.bd3.block_size
+        rows = []
         qsl = self.query_start_loc.cpu  # the host copy: no device read
         for i, rid in enumerate(self.input_batch.req_ids[: self.input_batch.num_reqs]):
             n_masks = len(step.scheduled_spec_decode_tokens.get(rid, ()))
@@ -151,7 +154,8 @@ class BD3RunnerMixin:
         (`entered` (b, L'); the loop's first call) is answered from the step's first pass (`first`, hidden
         states (b, L', D)); every other call runs the model over these b blocks alone, under attention
         metadata built once for them."""
-        size, pending = self.bd3.block_size, [first]
+        size = self.bd3.block_size
+        pending = [first]
         tokens = (torch.tensor(starts)[:, None] + torch.arange(size)).flatten().to(self.device)  # (b·L',)
         where = positions[tokens]
         context: list = []
