@@ -143,7 +143,7 @@ def _one_line_error(r, needle):
 def test_cli_runs_on_the_tiny_world_and_refuses_bad_input(bd3, tmp_path):
     out = tmp_path / "run"
     r = bd3("--iterations", 1, "--out", out, "--prompts", 2, "--group", 2, "--steps-per-rollout", 2,
-            "--eval-every", 1, "--eval-samples", 8, "--final-samples", 8, "--anchor-weight", 0.5, "--json")
+            "--eval-every", 1, "--eval-samples", 4, "--final-samples", 4, "--anchor-weight", 0.5, "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
