@@ -186,6 +186,9 @@ def test_cuda_gets_the_gpu_worker_and_a_backend_for_the_dtype(dtype, backend):
     (dict(pipeline_parallel_size=2), "--pipeline-parallel-size 2"),
     (dict(compilation_config={"cudagraph_mode": "FULL"}), "--compilation-config.cudagraph_mode FULL"),
     (dict(compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}), "cudagraph_mode FULL_AND_PIECEWISE"),
+    (dict(compilation_config={"cudagraph_mode": "PIECEWISE"}), "--compilation-config.cudagraph_mode PIECEWISE"),
+    (dict(compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"}), "cudagraph_mode FULL_DECODE_ONLY"),
+    (dict(async_scheduling=True), "--async-scheduling"),
     (dict(worker_cls="vllm.v1.worker.gpu_worker.Worker"), "--worker-cls"),
     (dict(enable_prefix_caching=True), "--enable-prefix-caching"),
 ])
@@ -195,6 +198,58 @@ def test_cuda_refusals_are_one_line_naming_the_flag(kw, flag):
     with pytest.raises(BD3ConfigError) as info:
         apply(_args(**kw), CUDA)
     assert flag in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def cli_args():
+    """EngineArgs from a `vllm serve` command line, through vLLM's own parser."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    return lambda argv: EngineArgs.from_cli_args(parser.parse_args(["--model", str(checkpoint_path(4)), *argv]))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--no-enforce-eager"], "--no-enforce-eager: "),
+    (["--no_enforce_eager"], "--no-enforce-eager: "),
+    (["--async-scheduling"], "--async-scheduling: "),
+    (["-cc.cudagraph_mode", "PIECEWISE"], "--compilation-config.cudagraph_mode PIECEWISE: "),
+    (["--compilation-config", '{"cudagraph_mode": "FULL_AND_PIECEWISE"}'],
+     "--compilation-config.cudagraph_mode FULL_AND_PIECEWISE: "),
+])
+def test_eager_and_synchronous_steps_given_on_the_command_line_are_refused(cli_args, argv, flag):
+    from vllm_backend.registration.autoconfig import BD3ConfigError, apply
+
+    for platform in (CUDA, None):  # the fake CUDA build, and this CPU build
+        with pytest.raises(BD3ConfigError) as info:
+            apply(cli_args(argv), platform, argv)
+        assert str(info.value).startswith(flag) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv", [[], ["--enforce-eager"], ["--no-async-scheduling"], ["-cc.cudagraph_mode", "NONE"]])
+def test_the_defaults_and_what_block_decoding_needs_anyway_run_eager_and_synchronous(cli_args, argv):
+    from vllm_backend.registration.autoconfig import apply
+
+    for platform in (CUDA, None):
+        args = cli_args(argv)
+        apply(args, platform, argv)
+        assert args.enforce_eager is True and args.async_scheduling is False
+
+
+def test_vllm_serve_reads_an_explicit_no_enforce_eager_from_its_command_line(monkeypatch):
+    from vllm.usage.usage_lib import UsageContext
+
+    from vllm_backend.registration.plugin import register
+
+    register()
+    args = _args(max_model_len=128)
+    assert args.enforce_eager is False  # what EngineArgs holds with and without --no-enforce-eager
+    monkeypatch.setattr(sys, "argv", ["vllm", "serve", str(checkpoint_path(4)), "--no-enforce-eager"])
+    with pytest.raises(SystemExit) as info:
+        args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+    assert str(info.value).startswith("Error: --no-enforce-eager: ") and "\n" not in str(info.value)
+    args.create_engine_config()  # vllm.LLM: the script's own command line is not vLLM's
 
 
 def test_model_runner_v2_and_other_platforms_are_refused(monkeypatch):

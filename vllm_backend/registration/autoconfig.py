@@ -4,14 +4,19 @@ for the platform vLLM runs on (CPU or CUDA). A setting block decoding cannot run
 line that names the flag: `vllm serve` prints it and exits with status 1, `vllm.LLM` raises it as a
 ValueError.
 
+The checkpoint's config.json is read before vLLM reads it (`hub_config.py`): a hub id not yet downloaded is
+fetched as vLLM would fetch it, and one whose config cannot be read is refused rather than started without
+block decoding.
+
 On the plugin's registration path: imports no vLLM worker or runner module (see `engine.py`).
 """
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 from bd3_plugin.core.config import BD3Config
+from vllm_backend.registration.hub_config import ConfigUnreadable, read_model_config
 from vllm_backend.worker.engine import engine_kwargs
 
 _PATCHED = "_bd3_autoconfig"
@@ -27,22 +32,30 @@ class BD3ConfigError(ValueError):
     """An engine setting block decoding cannot run under; the message is one line naming the flag."""
 
 
-def bd3_block_size(model: str) -> int | None:
-    """The block size of a local or cached BD3/MDLM checkpoint; None for anything else."""
-    path = Path(model).expanduser() / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(model, "config.json")
-            path = Path(cached) if isinstance(cached, str) else path
-        except Exception:
-            return None
+def bd3_block_size(model: str, revision: str | None = None, token: bool | str | None = None) -> int | None:
+    """The block size of a BD3/MDLM checkpoint, a local folder or a hub id (cached, else fetched); None for
+    anything else. A hub id whose config.json cannot be read is refused (BD3ConfigError)."""
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
+        raw = read_model_config(model, revision, token)
+    except ConfigUnreadable as err:
+        raise BD3ConfigError(f"{model}: cannot tell whether it is a BD3 checkpoint, its config.json could not be "
+                             f"read: {err}") from None
+    return BD3Config.from_dict(raw).block_size if raw is not None and BD3Config.describes(raw) else None
+
+
+def _block_size(args) -> int | None:
+    """The block size of the checkpoint an EngineArgs names, read where vLLM reads its config (--hf-config-path,
+    else the model; the revision and token). Other config formats (e.g. mistral) are not BD3 checkpoints; ids
+    on ModelScope are not read (there the model class's own check refuses a BD3 checkpoint)."""
+    from vllm import envs
+
+    config_format = str(getattr(args.config_format, "value", args.config_format))
+    model = str(args.hf_config_path or args.model)
+    if config_format not in ("auto", "hf") or model.endswith(".gguf"):
         return None
-    return BD3Config.from_dict(raw).block_size if BD3Config.describes(raw) else None
+    if envs.VLLM_USE_MODELSCOPE and not Path(model).expanduser().exists():
+        return None
+    return bd3_block_size(model, args.revision, args.hf_token)
 
 
 def _device(platform) -> str:
@@ -76,12 +89,35 @@ def _check_logprobs_mode(args) -> None:
                              f"1) or processed_logprobs (the distribution sampled), both at each token's reveal pass")
 
 
-def _check_cuda_graphs(args) -> None:
+# Why a BD3 step runs eager: after vLLM's own pass, the runner's further denoising passes run the model over
+# token counts that vLLM neither pads nor captures in CUDA graphs.
+EAGER = ("each BD3 step runs further model passes of sizes vLLM neither pads nor captures, so BD3 checkpoints "
+         "run eager")
+
+
+def given_flags(argv) -> set[str]:
+    """The long options on a command line, as vLLM reads them (`--no_enforce_eager` is `--no-enforce-eager`)."""
+    return {a.split("=", 1)[0].replace("_", "-") for a in argv if a.startswith("--")}
+
+
+def _check_eager_and_synchronous(args, argv) -> None:
+    """CUDA graphs, compiled mode and async scheduling are refused where the user asked for them. Their
+    defaults (cudagraph_mode and async_scheduling None, enforce_eager False) say nothing; an explicit
+    `--no-enforce-eager` equals the default in EngineArgs, so it is read from the command line."""
     mode = args.compilation_config.cudagraph_mode
-    if mode is not None and "FULL" in getattr(mode, "name", str(mode)).upper():
-        raise BD3ConfigError(f"--compilation-config.cudagraph_mode {getattr(mode, 'name', mode)}: full CUDA graphs "
-                             "replay capture-time attention metadata, but every BD3 pass splits it into block "
-                             "pieces; use NONE (the default for BD3 checkpoints)")
+    name = str(getattr(mode, "name", mode)).upper()
+    if mode is not None and name != "NONE":
+        why = ("full CUDA graphs replay capture-time attention metadata, but every BD3 pass splits it into block "
+               "pieces" if "FULL" in name else EAGER)
+        raise BD3ConfigError(f"--compilation-config.cudagraph_mode {name}: {why}; use NONE (the default for BD3 "
+                             "checkpoints)")
+    if "--no-enforce-eager" in given_flags(argv):
+        raise BD3ConfigError(f"--no-enforce-eager: {EAGER}; leave --enforce-eager on (the default for BD3 "
+                             "checkpoints)")
+    if args.async_scheduling:
+        raise BD3ConfigError("--async-scheduling: each BD3 step is scheduled from the block the previous step "
+                             "decoded (BD3Scheduler rewinds to it); use --no-async-scheduling (the default for BD3 "
+                             "checkpoints)")
 
 
 def _attention_backend(args, device: str, dtype: str):
@@ -111,10 +147,10 @@ def _take(args, name: str, wanted, flag: str) -> None:
     setattr(args, name, wanted)
 
 
-def apply(args, platform=None) -> None:
+def apply(args, platform=None, argv=()) -> None:
     """Fill in the block-decoding engine arguments on an EngineArgs for a BD3 checkpoint, for `platform`
-    (default: vLLM's current platform)."""
-    size = bd3_block_size(str(args.model))
+    (default: vLLM's current platform); `argv` is the command line of a `vllm serve` (flags given there)."""
+    size = _block_size(args)
     if size is None:
         return
     from vllm import envs
@@ -128,7 +164,7 @@ def apply(args, platform=None) -> None:
     dtype = _dtype(args)
     _check_logprobs_mode(args)
     _check_parallel(args)
-    _check_cuda_graphs(args)
+    _check_eager_and_synchronous(args, argv)
     backend = _attention_backend(args, device, dtype)
     wanted = engine_kwargs(size, device)
     _take(args, "speculative_config", wanted["speculative_config"], "--speculative-config")
@@ -139,6 +175,7 @@ def apply(args, platform=None) -> None:
                              "(use --no-enable-prefix-caching)")
     args.enable_prefix_caching = False
     args.enforce_eager = True
+    args.async_scheduling = False
     args.dtype = dtype  # auto: float32, the checkpoints' dtype and the core's: tokens match it exactly
     if backend is not None:
         args.attention_backend = backend
@@ -159,9 +196,18 @@ def check_blocks(config) -> None:
                              f"use {length - length % size} or {length - length % size + size}")
 
 
+# The usage contexts of vLLM's command-line servers: their refusals are one printed line, and the command
+# line they were started with says which flags the user gave.
+CLI_CONTEXTS = ("OPENAI_API_SERVER", "API_SERVER", "OPENAI_BATCH_RUNNER")
+
+
+def _from_cli(usage_context) -> bool:
+    return getattr(usage_context, "name", "") in CLI_CONTEXTS
+
+
 def _refuse(error: BD3ConfigError, usage_context) -> None:
     """`vllm serve` gets one line and exit status 1; the Python API gets the ValueError."""
-    if getattr(usage_context, "name", "") in ("OPENAI_API_SERVER", "API_SERVER", "OPENAI_BATCH_RUNNER"):
+    if _from_cli(usage_context):
         raise SystemExit(f"Error: {error}") from None
     raise error
 
@@ -176,7 +222,7 @@ def install() -> None:
 
     def create_engine_config(self, usage_context=None, *args, **kwargs):
         try:
-            apply(self)
+            apply(self, argv=sys.argv[1:] if _from_cli(usage_context) else ())
             config = original(self, usage_context, *args, **kwargs)
             check_blocks(config)
         except BD3ConfigError as error:

@@ -17,6 +17,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from bd3_plugin.core.checkpoint import check_state_dict
 from bd3_plugin.core.config import BD3Config
 from bd3_plugin.core.model import DiTBackbone, DiTBlock
+from vllm_backend.worker.engine import WORKERS, BD3Scheduler
 
 
 class VLLMDiTBlock(DiTBlock):
@@ -36,9 +37,23 @@ class VLLMDiTBlock(DiTBlock):
         return self.finish(x, a[None], mods)
 
 
+def check_block_decoding(vllm_config: VllmConfig) -> None:
+    """Refuse an engine configured without block decoding: vLLM's stock worker and scheduler would run the
+    model as an autoregressive one and answer garbage. The plugin configures every engine whose checkpoint
+    config it reads before vLLM does; this catches the others, whatever configured them."""
+    worker = vllm_config.parallel_config.worker_cls
+    scheduler = vllm_config.scheduler_config.get_scheduler_cls()
+    if worker not in WORKERS.values() or not issubclass(scheduler, BD3Scheduler):
+        raise ValueError(f"a BD3 checkpoint on an engine not configured for block decoding (worker {worker}, "
+                         f"scheduler {scheduler.__name__}): pass vllm_backend.worker.engine.engine_kwargs(block_size, "
+                         "device) to vllm.LLM, or start it from a folder or hub id whose config.json bd3-plugin "
+                         "can read (vllm serve / vllm.LLM configure those)")
+
+
 class BD3ForVLLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
+        check_block_decoding(vllm_config)
         hf = vllm_config.model_config.hf_config
         cfg = hf.to_bd3()
         self.config = cfg
