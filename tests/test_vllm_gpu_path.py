@@ -4,6 +4,7 @@ and attention-backend selection under a (faked) CUDA build, and that the plugin 
 The block-causal metadata is checked against FlashAttention/Triton semantics in test_vllm_block_metadata.py."""
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,54 @@ def test_gpu_worker_builds_the_bd3_runner_through_vllms_factory(l4_config, monke
     worker.use_v2_model_runner = True
     with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER"):
         worker._make_model_runner()
+
+
+def _matmul_state() -> tuple:
+    return (os.environ.get("TRITON_F32_DEFAULT"), torch.get_float32_matmul_precision(),
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+
+def _set_matmul_state(precision: str, tf32: bool) -> None:
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+@pytest.mark.parametrize("dtype, ieee", [("auto", True), ("float32", True), ("bfloat16", False),
+                                         ("float16", False)])
+def test_a_float32_gpu_worker_makes_every_float32_matmul_ieee(dtype, ieee, monkeypatch):
+    """The worker's own constructor (vLLM's Worker.__init__ stubbed: it needs a device) on the engine config
+    the plugin builds for the dtype: float32 turns TF32 off in Triton, cuBLAS and cuDNN; half precision
+    leaves the fast settings it found."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from vllm_backend.registration.plugin import register
+    from vllm_backend.worker.gpu_worker import BD3GPUWorker
+
+    register()
+    config = _args(dtype=dtype, max_model_len=128).create_engine_config()
+    seen = []
+
+    def vllm_worker_init(self, **kw):  # what WorkerBase keeps of its arguments
+        seen.append(kw)
+        self.vllm_config = kw["vllm_config"]
+
+    monkeypatch.setattr(Worker, "__init__", vllm_worker_init)
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "unset")
+    monkeypatch.delenv("TRITON_F32_DEFAULT")  # restored to unset after the test
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+              torch.backends.cudnn.allow_tf32)
+    _set_matmul_state("high", True)  # what a user may have set: TF32 allowed everywhere
+    try:
+        BD3GPUWorker(vllm_config=config, local_rank=0, rank=0, distributed_init_method="env://")
+        after = _matmul_state()
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+        torch.backends.cudnn.allow_tf32 = before[2]
+    assert seen and seen[0]["vllm_config"] is config  # vLLM's constructor ran with the worker's arguments
+    expected = ("ieee", "highest", False, False) if ieee else (None, "high", True, True)
+    assert after == expected, (dtype, config.model_config.dtype)
 
 
 def test_a_gpu_build_selects_the_v1_runner(l4_config, monkeypatch):
