@@ -1,0 +1,89 @@
+"""The sampler's memory per step against the formula in vllm_backend/README.md ("Memory of a block step"):
+peak bytes = c · n · V, n the slots whose distribution the step computes, V the vocabulary, c by
+temperature and filters. Measured with torch's CPU memory profiler (allocation sizes, deterministic) at two
+sizes of n and V, so that a term in n·V with another coefficient, or one not linear in n·V, shows."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+from sampler_memory import SETTINGS, peak_bytes, step_peak  # noqa: E402
+
+from bd3_plugin.sampling import SamplerConfig  # noqa: E402
+
+README = Path(__file__).resolve().parent.parent / "vllm_backend" / "README.md"
+
+
+def bytes_per_entry(temperature: float, top_k: int = 0, top_p: float = 1.0) -> int:
+    """The formula's c: float64 (n, V) tensors live at once at the step's peak (+ 1 byte per entry for a
+    top-k mask). Temperature 0: the SUBS logits and their softmax (filters are off when greedy). Above 0:
+    the probabilities, the uniforms, the exponential noise and p / noise while the tokens are drawn; top-k's
+    sort (values and int64 indices) and mask over the softmax (41); top-p's sort, cumulative sum and masks
+    (50)."""
+    if temperature == 0:
+        return 16
+    if top_p < 1.0:
+        return 50
+    return 41 if top_k else 32
+
+
+def reads(algorithm: str, temperature: float, rows: int, block_size: int) -> int:
+    """n for an all-mask block: first-hitting above temperature 0 reads one slot per row, the rest all."""
+    return rows if algorithm == "first_hitting" and temperature > 0 else rows * block_size
+
+
+SIZES = [(2, 4, 1000), (4, 8, 3000)]  # (rows, L', V): n·V from 2,000 to 96,000
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=str)
+@pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
+def test_one_sampler_step_peaks_at_the_readme_formula(algorithm, setting):
+    c = bytes_per_entry(**setting)
+    for rows, block_size, vocab in SIZES:
+        peak, read = step_peak(SamplerConfig(algorithm=algorithm, **setting), rows, block_size, vocab)
+        assert read == reads(algorithm, setting["temperature"], rows, block_size)
+        # What is not per vocabulary entry (per-slot confidences, masks, tokens) stays under 64 B a slot.
+        assert abs(peak - c * read * vocab) < 64 * rows * block_size, (rows, block_size, vocab, peak / (read * vocab))
+
+
+def test_the_measurement_sees_one_more_float64_copy():
+    """Negative control: a step that also holds a float64 copy of its (n, V) logits measures 8 B more per
+    entry, so a sampler change that adds one fails the test above."""
+    config = SamplerConfig(algorithm="threshold", temperature=1.0)
+    rows, block_size, vocab = SIZES[0]
+    base, read = step_peak(config, rows, block_size, vocab)
+    logits = torch.randn(rows, block_size, vocab)
+
+    def step_and_copy() -> None:
+        held = logits.double()  # (B, L', V) float64, live over the step
+        step_peak_inside()
+        del held
+
+    def step_peak_inside() -> None:
+        from bd3_plugin.sampling.registry import sampler_for
+
+        masked = torch.ones(rows, block_size, dtype=torch.bool)
+        gens = [torch.Generator().manual_seed(r) for r in range(rows)]
+        sampler_for(config, vocab - 1).step(logits, masked, masked, gens, block_size - 1, 1 / block_size, 0.0)
+
+    assert abs(peak_bytes(step_peak_inside) - base) < 64 * rows * block_size
+    assert abs(peak_bytes(step_and_copy) - base - 8 * read * vocab) < 64 * rows * block_size
+
+
+def test_the_readme_states_the_formula_the_test_checks():
+    text = README.read_text()
+    section = text[text.index("## Memory of a block step"):]
+    section = section[: section.index("\n## ", 3)] if "\n## " in section[3:] else section
+    rows = dict(re.findall(r"^\| (temperature [^|]+?) \| (\d+) \|", section, flags=re.M))
+    assert rows == {"temperature 0 (any filter)": "16", "temperature > 0, no filter": "32",
+                    "temperature > 0, top-k": "41", "temperature > 0, top-p (with or without top-k)": "50"}
+    assert bytes_per_entry(0.0, 50, 0.9) == 16 and bytes_per_entry(1.0) == 32
+    assert bytes_per_entry(1.0, top_k=50) == 41 and bytes_per_entry(1.0, top_p=0.9) == 50
+    assert bytes_per_entry(1.0, top_k=50, top_p=0.9) == 50
