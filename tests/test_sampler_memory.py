@@ -87,3 +87,44 @@ def test_the_readme_states_the_formula_the_test_checks():
     assert bytes_per_entry(0.0, 50, 0.9) == 16 and bytes_per_entry(1.0) == 32
     assert bytes_per_entry(1.0, top_k=50) == 41 and bytes_per_entry(1.0, top_p=0.9) == 50
     assert bytes_per_entry(1.0, top_k=50, top_p=0.9) == 50
+
+
+# ---- the reservation in vLLM's profiling pass ----------------------------------------------------------
+class _VllmRunner:
+    """What the mixin's `_dummy_sampler_run` reaches of vLLM's runner: its own sampler run (stubbed)."""
+
+    def _dummy_sampler_run(self, hidden_states):
+        return "vllm's sampler output"
+
+
+@pytest.mark.parametrize("max_num_seqs, block_size, budget, rows", [
+    (2, 4, 8192, 2), (6, 4, 8192, 6), (2, 16, 8192, 2), (6, 16, 64, 4),  # the last: the token budget caps
+])
+def test_the_profiling_pass_reserves_the_formulas_worst_block_step(max_num_seqs, block_size, budget, rows):
+    """The BD3 runner's `_dummy_sampler_run` peaks at (4 + 50) · rows · L' · V: the pass's float32 logits
+    and the largest c, for as many all-mask blocks as one step decodes (max_num_seqs, unless the token
+    budget holds fewer blocks of L')."""
+    from types import SimpleNamespace
+
+    from vllm_backend.worker.runner import BD3RunnerMixin
+
+    class Runner(BD3RunnerMixin, _VllmRunner):
+        pass
+
+    vocab, width = 1000, 16
+    head = torch.nn.Linear(width, vocab, bias=False)
+    runner = object.__new__(Runner)  # only the attributes the profiling hook reads
+    runner.bd3 = SimpleNamespace(block_size=block_size, mask_id=vocab - 1)
+    runner.scheduler_config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    runner.model = SimpleNamespace(compute_logits=head)
+    hidden = torch.randn(max_num_seqs, width)
+    out = []
+
+    def profile() -> None:
+        out.append(runner._dummy_sampler_run(hidden))
+
+    with torch.no_grad():
+        peak = peak_bytes(profile)
+    assert out == ["vllm's sampler output"]
+    slots = rows * block_size
+    assert abs(peak - (4 + bytes_per_entry(1.0, top_p=0.9)) * slots * vocab) < 64 * slots, peak / (slots * vocab)

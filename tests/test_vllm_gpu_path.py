@@ -90,7 +90,7 @@ def test_every_hook_the_mixin_overrides_exists_on_gpu_model_runner_with_the_same
     own = {name: fn for name, fn in vars(BD3RunnerMixin).items() if inspect.isfunction(fn)}
     hooks = {name for name in own if hasattr(GPUModelRunner, name)}
     assert hooks == {"__init__", "execute_model", "_update_states", "_prepare_inputs", "_model_forward",
-                     "_sample", "_input_fits_in_drafter", "initialize_metadata_builders"}
+                     "_sample", "_input_fits_in_drafter", "initialize_metadata_builders", "_dummy_sampler_run"}
     for name in hooks:
         assert _params(own[name]) == _params(getattr(GPUModelRunner, name)), name
     # The wrapper around AttentionGroup.build_metadata passes the metadata first, the rest through.

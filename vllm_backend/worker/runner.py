@@ -27,6 +27,7 @@ from bd3_plugin.sampling.denoise import denoise_block
 from vllm_backend.worker.block_metadata import split_into_blocks, take_blocks
 from vllm_backend.worker.params import sampler_config
 from vllm_backend.worker.recording import RunnerTraces
+from vllm_backend.worker.reserve import block_step_rows, worst_block_step
 from vllm_backend.worker.resume import Resumes
 
 
@@ -73,6 +74,16 @@ class BD3RunnerMixin:
         logits_indices, spec_decode_metadata, max_sampled = super()._prepare_inputs(scheduler_output,
                                                                                     num_scheduled_tokens)
         return logits_indices[:0], spec_decode_metadata, max_sampled
+
+    def _dummy_sampler_run(self, hidden_states):
+        out = super()._dummy_sampler_run(hidden_states)
+        # The profiling pass's peak sizes the KV cache: a block step's sampler memory must be in it.
+        sched = self.scheduler_config
+        size = self.bd3.block_size
+        rows = block_step_rows(sched.max_num_seqs, sched.max_num_batched_tokens, size)
+        worst_block_step(self.model.compute_logits, hidden_states.shape[-1], hidden_states.dtype,
+                         hidden_states.device, rows, size, self.bd3.mask_id)
+        return out
 
     def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
         return True  # the placeholders are masks, never model drafts: never zero them near max_model_len
