@@ -128,3 +128,18 @@ def test_the_profiling_pass_reserves_the_formulas_worst_block_step(max_num_seqs,
     assert out == ["vllm's sampler output"]
     slots = rows * block_size
     assert abs(peak - (4 + bytes_per_entry(1.0, top_p=0.9)) * slots * vocab) < 64 * slots, peak / (slots * vocab)
+
+
+@pytest.mark.engine
+def test_vllms_profiling_pass_runs_on_the_bd3_cpu_runner_and_reserves_a_block_step(engines):
+    """vLLM's `profile_run` (`_dummy_run`, then `_dummy_sampler_run`) on a built engine's BD3 CPU runner: it
+    runs, reaches the worst block step once for max_num_seqs blocks of L', and leaves the engine's tokens
+    as they were."""
+    from bd3_plugin.tinyworld.data import checkpoint_path
+
+    spec = {"checkpoint": str(checkpoint_path(4)), "engine": {"max_model_len": 128, "max_num_seqs": 3},
+            "prompt": [1, 5, 9, 13, 17], "max_tokens": 8}
+    out = engines.run("profile", spec)  # the session's engine process (tests/vllm_profile_worker.py)
+    assert out["runner"] == "BD3CPUModelRunner"
+    assert out["steps"] == [{"rows": 3, "block_size": 4, "width": out["hidden"]}]
+    assert out["before"] == out["after"] and len(out["before"]) == 8
