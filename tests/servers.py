@@ -49,3 +49,17 @@ def stop(proc, log) -> None:
         os.killpg(proc.pid, signal.SIGTERM)  # stop it by its PID (and its engine process)
         proc.wait(timeout=60)
     log.close()
+
+
+def vllm_app(*vllm_args: str):
+    """vLLM's OpenAI-server app with the middleware `bd3 serve` adds, built in this process with no engine
+    behind it: for what the server answers before a request reaches the engine. Drive it with Starlette's
+    TestClient, which raises any exception that escapes the app (one that would drop the connection)."""
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_backend.server.serve import MIDDLEWARE
+
+    argv = [*vllm_args, *(a for m in MIDDLEWARE for a in ("--middleware", m))]
+    return build_app(make_arg_parser(FlexibleArgumentParser()).parse_args(argv), ("generate",))

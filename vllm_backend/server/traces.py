@@ -25,7 +25,8 @@ from bd3_plugin.sampling.greedy_completion import completion_start
 from bd3_plugin.sampling.trajectory import Trajectory
 
 from vllm_backend.worker.params import RESUME_KEY, TRACE_KEY, TRACE_PREFIX
-from vllm_backend.server.validate import _authenticated, _is_bd3, error_response
+from vllm_backend.server.guard import authenticated, error_response, guarded, json_body
+from vllm_backend.server.validate import _is_bd3
 
 if TYPE_CHECKING:
     import vllm
@@ -110,15 +111,16 @@ def _several_prompts(prompt) -> bool:
     return isinstance(prompt, list) and len(prompt) > 0 and not isinstance(prompt[0], int)
 
 
+@guarded
 async def attach_trajectories(request, call_next):
     """HTTP middleware for `vllm serve --middleware vllm_backend.server.traces.attach_trajectories`."""
     if request.method != "POST" or request.url.path not in ROUTES:
         return await call_next(request)
     vllm_config = getattr(request.app.state, "vllm_config", None)
-    if vllm_config is None or not _is_bd3(vllm_config) or not _authenticated(request):
+    if vllm_config is None or not _is_bd3(vllm_config) or not authenticated(request):
         return await call_next(request)
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = json_body(await request.body())
     except ValueError:
         return await call_next(request)  # vLLM answers malformed JSON itself
     if not _asks(body):

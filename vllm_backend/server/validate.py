@@ -6,11 +6,13 @@
   serves a BD3 checkpoint.
 - `check_request`, an HTTP middleware (`--middleware vllm_backend.server.validate.check_request`, added by
   `bd3 serve`): checks the request body before vLLM sees it, for streaming requests too (vLLM validates
-  those lazily, after the 200 has been sent), and refuses body fields that never reach SamplingParams.
+  those lazily, after the 200 has been sent), and refuses body fields that never reach SamplingParams. A
+  body that is not JSON, or that one of vLLM's own validators fails on with an exception other than a
+  validation error (they assume the types they check: `"messages": null` raises TypeError), is a 400 here,
+  naming the field where one can be named; vLLM's validation errors get vLLM's own 400.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -19,6 +21,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from vllm_backend.server import fields
+from vllm_backend.server.guard import authenticated, error_response, guarded, json_body
 from vllm_backend.registration import hf_config
 from vllm_backend.worker.params import RESUME_KEY, check_resume_block, sampler_config
 
@@ -65,29 +68,29 @@ class BD3RequestValidator(LogitsProcessor):
         pass
 
 
-def error_response(message: str, param: str | None = None):
-    """A 400 in vLLM's error shape, naming the field `param` where one can be named."""
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}},
-                        status_code=400)
-
-
 _ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
 
+@guarded
 async def check_request(request, call_next):
     route = _ROUTES.get(request.url.path)
     vllm_config = getattr(request.app.state, "vllm_config", None)
     if request.method != "POST" or route is None or vllm_config is None or not _is_bd3(vllm_config):
         return await call_next(request)
-    if not _authenticated(request):
+    if not authenticated(request):
         return await call_next(request)  # vLLM's authentication, further in, answers 401 first
+    model = _request_model(route)
     try:
-        body = json.loads(await request.body() or b"{}")
-        parsed = _request_model(route).model_validate(body)
+        body = json_body(await request.body())
+    except ValueError as err:  # one nested too deeply would get FastAPI's bare {"detail": ...} from vLLM
+        return error_response(f"the request body is not JSON: {err}")
+    try:
+        parsed = model.model_validate(body)
     except (ValueError, VLLMClientError):
-        return await call_next(request)  # malformed JSON or fields: vLLM answers with its own 400
+        return await call_next(request)  # malformed fields: vLLM answers with its own 400 that names them
+    except Exception as err:  # vLLM's validators assume the types they check: TypeError on `"messages": null`
+        field = field_at_fault(model, body, err)
+        return error_response(f"invalid {field or 'request body'}: {err}", field)
     try:
         refused = fields.body_refusal(parsed)
         if refused is not None:
@@ -104,6 +107,27 @@ async def check_request(request, call_next):
     except (ValueError, TypeError, VLLMClientError) as err:  # vLLM's own checks of SamplingParams included
         return error_response(str(err), getattr(err, "parameter", None))
     return await call_next(request)
+
+
+# A body with more top-level fields than this is not searched for the one at fault (each try validates it).
+_MOST_FIELDS_SEARCHED = 64
+
+
+def field_at_fault(model, body, err: Exception) -> str | None:
+    """The top-level field of `body` without which `model.model_validate` no longer fails as it did with
+    `err`; None when there is no such field, or several."""
+    if not isinstance(body, dict) or len(body) > _MOST_FIELDS_SEARCHED:
+        return None
+    at_fault = [name for name in body if not _fails_alike(model, {k: v for k, v in body.items() if k != name}, err)]
+    return at_fault[0] if len(at_fault) == 1 else None
+
+
+def _fails_alike(model, body: dict, err: Exception) -> bool:
+    try:
+        model.model_validate(body)
+    except Exception as other:
+        return type(other) is type(err) and str(other) == str(err)
+    return False
 
 
 def _is_bd3(vllm_config) -> bool:
@@ -133,23 +157,6 @@ def _defaults(state) -> dict:
         defaults = state.vllm_config.model_config.get_diff_sampling_param()
         state._bd3_sampling_defaults = defaults
     return defaults
-
-
-def _authenticated(request) -> bool:
-    """Whether vLLM's AuthenticationMiddleware (if the server has one) will let this request through.
-    User middleware wraps vLLM's, so this runs first; an unauthenticated request must get vLLM's 401, not
-    a 400 that reveals how the server validates requests."""
-    state = request.app.state
-    guard = getattr(state, "_bd3_auth", False)
-    if guard is False:
-        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
-
-        guard = None
-        for m in request.app.user_middleware:
-            if m.cls is AuthenticationMiddleware:
-                guard = AuthenticationMiddleware(None, *m.args, **m.kwargs)
-        state._bd3_auth = guard
-    return guard is None or guard.verify_token(request.headers)
 
 
 def _check_lengths(state, body: dict, max_model_len: int) -> None:

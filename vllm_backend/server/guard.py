@@ -1,0 +1,107 @@
+"""What the routes and middleware a BD3 server adds share with vLLM's own: the API key, the error shape, and
+no exception that escapes to the ASGI server.
+
+An exception that leaves a middleware reaches Starlette's last-resort handler, which answers it and then
+raises it again; uvicorn then closes the connection, so a client on a kept-alive connection sees a reset.
+`guarded` answers every exception inside the middleware with a JSON error instead.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from http import HTTPStatus
+
+logger = logging.getLogger(__name__)
+
+TOO_DEEP = "the request body is nested too deeply to parse"
+
+
+def error_response(message: str, param: str | None = None, status: HTTPStatus = HTTPStatus.BAD_REQUEST,
+                   kind: str = "BadRequestError"):
+    """An error in vLLM's shape (400 unless `status` says otherwise), naming the field `param` where one can
+    be named."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": int(status)}},
+                        status_code=int(status))
+
+
+def unauthorized():
+    """vLLM's own answer to a request without the API key (`AuthenticationMiddleware`), to the letter."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": "Unauthorized"}, status_code=HTTPStatus.UNAUTHORIZED)
+
+
+def authenticated(request) -> bool:
+    """Whether vLLM's AuthenticationMiddleware (if the server has one) lets this request's headers through.
+    User middleware wraps vLLM's, so this runs first: on /v1 an unauthenticated request must get vLLM's 401,
+    not a 400 that reveals how the server validates requests; outside /v1 vLLM checks no key at all."""
+    state = request.app.state
+    guard = getattr(state, "_bd3_auth", False)
+    if guard is False:
+        from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+        guard = None
+        for m in request.app.user_middleware:
+            if m.cls is AuthenticationMiddleware:
+                guard = AuthenticationMiddleware(None, *m.args, **m.kwargs)
+        state._bd3_auth = guard
+    return guard is None or guard.verify_token(request.headers)
+
+
+def route_path(request) -> str:
+    """The request's path without the server's `--root-path`, as vLLM's key check reads it."""
+    return request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+
+
+def json_body(raw: bytes):
+    """A request body's JSON value (`{}` for an empty body); ValueError for anything that is not JSON,
+    a body nested past the parser's recursion limit included."""
+    try:
+        return json.loads(raw or b"{}")
+    except RecursionError:
+        raise ValueError(TOO_DEEP) from None
+
+
+def _internal_error(err: Exception):
+    from vllm.entrypoints.serve.exception_handling.utils import sanitize_message
+
+    first_line = sanitize_message((str(err).splitlines() or [""])[0])  # no paths or addresses, as vLLM's own
+    return error_response(f"internal error: {type(err).__name__}: {first_line}",
+                          status=HTTPStatus.INTERNAL_SERVER_ERROR, kind="InternalServerError")
+
+
+def _app_error(err: Exception):
+    """What vLLM's last-resort handler answers for an exception its routes raise (status by the exception's
+    type), without the dropped connection that follows it there."""
+    from fastapi.responses import JSONResponse
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    answer = create_error_response(err)
+    return JSONResponse(answer.model_dump(), status_code=answer.error.code)
+
+
+def guarded(dispatch):
+    """An HTTP middleware (`async def f(request, call_next)`) that answers every exception instead of letting it
+    escape: one raised by the app inside (vLLM's routes) as vLLM's last-resort handler would, one raised by
+    the middleware itself (after the body has been validated: a bug, not the client's fault) as a 500.
+    Both are logged with their traceback."""
+
+    @functools.wraps(dispatch)
+    async def middleware(request, call_next):
+        async def call_app(req):
+            try:
+                return await call_next(req)
+            except Exception as err:
+                logger.exception("%s %s: the app raised", req.method, req.url.path)
+                return _app_error(err)
+
+        try:
+            return await dispatch(request, call_app)
+        except Exception as err:
+            logger.exception("%s %s: %s raised", request.method, request.url.path, dispatch.__name__)
+            return _internal_error(err)
+
+    return middleware
