@@ -6,6 +6,7 @@ the modules that need them run last, so that the other tests run meanwhile.
 Markers say what a test starts (pyproject.toml): `engine`, `server`, `cluster`, `cli`. The fast tier for
 edits is `pytest -m "not engine and not server and not cluster"`."""
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,27 +94,35 @@ def engines(engine_process):
     return engine_process
 
 
-def _server_argv(port: int) -> list[str]:
+def _server_argv(port: int, weight_root: Path) -> list[str]:
     from bd3_plugin.tinyworld.data import checkpoint_path
 
-    return [BD3, "serve", str(checkpoint_path(4)), "--port", str(port), "--", "--api-key", SERVER_KEY,
-            "--logprobs-mode", "processed_logprobs", "--chat-template", CHAT_TEMPLATE]
+    return [BD3, "serve", str(checkpoint_path(4)), "--port", str(port), "--weight-update-root", str(weight_root),
+            "--", "--api-key", SERVER_KEY, "--logprobs-mode", "processed_logprobs", "--chat-template", CHAT_TEMPLATE]
 
 
 @early_fixture(order=1)  # after the commands: an idle vLLM server still takes some CPU
 def bd3_server_process(folder):
-    proc, base, log = launch(_server_argv, folder)
+    from bd3_plugin.tinyworld.data import checkpoint_path
+
+    # The update route reads only under pytest's base temporary folder, which holds every tmp_path and
+    # mktemp folder of the session; the served checkpoint is copied there so that tests can put it back.
+    root = folder.parent
+    served = shutil.copytree(checkpoint_path(4), folder / checkpoint_path(4).name)
+    proc, base, log = launch(lambda port: _server_argv(port, root), folder)
     wait_healthy(proc, base, log)
-    return base
+    return SimpleNamespace(base=base, weight_root=root, served_weights=served)
 
 
 @pytest.fixture(scope="session")
 def bd3_server(bd3_server_process):
     """`bd3 serve tiny-bd3-L4` for every test that talks to a server, with the flags any of them needs: an API
-    key (requests to /v1 carry `headers`), processed logprobs and a chat template. The weight routes are
-    outside /v1, so they take no key. A test that updates the weights puts back the checkpoint's weights
-    and the label "default" before it ends."""
+    key (requests to /v1 and /bd3 carry `headers`), processed logprobs, a chat template, and the weight-update
+    route reading under `weight_root` (pytest's base temporary folder). A test that updates the weights puts
+    back `served_weights` (tiny-bd3-L4, copied inside the root) and the label "default" before it ends."""
     from bd3_plugin.tinyworld.data import checkpoint_path
 
-    return SimpleNamespace(base=bd3_server_process, model=str(checkpoint_path(4)), key=SERVER_KEY,
-                           headers={"Authorization": f"Bearer {SERVER_KEY}"})
+    return SimpleNamespace(base=bd3_server_process.base, model=str(checkpoint_path(4)), key=SERVER_KEY,
+                           headers={"Authorization": f"Bearer {SERVER_KEY}"},
+                           weight_root=bd3_server_process.weight_root,
+                           served_weights=bd3_server_process.served_weights)

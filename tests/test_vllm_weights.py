@@ -1,9 +1,14 @@
-"""Weight updates in a running vLLM engine against a fresh engine on the new checkpoint.
+"""Weight updates in a running vLLM engine against a fresh engine on the new checkpoint, and who may make them.
 
 The engines run in the session's engine process (one engine per job, tests/vllm_weights_worker.py); the
-server is the session's `bd3 serve`, put back on its checkpoint after the test.
+server is the session's `bd3 serve`, put back on its checkpoint after the test. What the /bd3 routes answer
+before a request reaches the engine (the key, the start-up flag, the root) is checked on vLLM's app built in
+this process with no engine behind it (`servers.vllm_app`).
 The second checkpoint is tiny-bd3-L4 with every tensor perturbed by seeded noise, saved by the core.
 """
+import os
+import shutil
+
 import pytest
 import requests
 import torch
@@ -12,8 +17,10 @@ from safetensors.torch import load_file, save_file
 from bd3_plugin.core.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_config, save_checkpoint
 from bd3_plugin.tinyworld.data import checkpoint_path
 from engines import L4_OWN_PROCESSES
+from servers import vllm_app
 from vllm_backend.worker.weights import check_source
-from vllm_backend.server.weight_routes import parse_update_request
+from vllm_backend.server.serve import WEIGHT_ROOT_ENV, environment
+from vllm_backend.server.weight_routes import OUTSIDE_ROOT, inside_root, parse_update_request
 
 PROMPTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos>"]
 EXTRA = "backbone.extra.weight"
@@ -90,7 +97,7 @@ def test_update_request_body_is_strict():
     assert parse_update_request(b'{"path": "/c", "version": "v1"}') == ("/c", "v1")
     for body, needle in [(b"[]", "JSON object"), (b"{", "JSON object"), (b'{"path": "/c"}', "version must be"),
                          (b'{"version": "v"}', "path must be"), (b'{"path": "/c", "version": "v", "pause": 1}',
-                                                                 "unknown field")]:
+                                                                 "unknown field"), (b"[" * 100_000, "JSON object")]:
         with pytest.raises(ValueError, match=needle):
             parse_update_request(body)
 
@@ -157,8 +164,8 @@ def server(bd3_server):
     from vllm_backend.server.weight_routes import server_weight_version, update_server_weights
 
     yield bd3_server
-    if server_weight_version(bd3_server.base) != "default":
-        update_server_weights(bd3_server.base, checkpoint_path(4), "default")
+    if server_weight_version(bd3_server.base, api_key=bd3_server.key) != "default":
+        update_server_weights(bd3_server.base, bd3_server.served_weights, "default", api_key=bd3_server.key)
 
 
 @pytest.mark.engine
@@ -168,25 +175,141 @@ def test_server_update_route(server, runs, ckpts):
     from vllm_backend.server.weight_routes import server_weight_version, update_server_weights
 
     fresh, updated = runs
-    prompts, base = ckpts["prompts"], server.base
-    assert server_weight_version(base) == "default"
+    prompts, base, key = ckpts["prompts"], server.base, server.key
+    assert server_weight_version(base, api_key=key) == "default"
     assert served_tokens(server, prompts) == updated["before"]  # the offline engine's tokens on tiny-bd3-L4
 
     with pytest.raises(WeightUpdateError) as err:
-        update_server_weights(base, ckpts["bad"], "bad")
+        update_server_weights(base, ckpts["bad"], "bad", api_key=key)
     assert str(err.value).startswith("400: ")
     _names_every_bad_tensor(str(err.value), ckpts)
     r = requests.post(f"{base}/bd3/update_weights", json={"path": str(ckpts["new"]), "version": "v", "x": 1},
-                      timeout=30)
+                      headers=server.headers, timeout=30)
     assert r.status_code == 400 and "unknown field(s): x" in r.json()["error"]["message"]
-    assert server_weight_version(base) == "default"
+    assert server_weight_version(base, api_key=key) == "default"
     assert served_tokens(server, prompts) == updated["before"]  # the failed updates changed nothing
 
     tensors = len(load_file(str(ckpts["new"] / WEIGHTS)))
-    assert update_server_weights(base, ckpts["new"], "step-1") == {"weight_version": "step-1", "tensors": tensors}
-    assert server_weight_version(base) == "step-1"
+    assert update_server_weights(base, ckpts["new"], "step-1", api_key=key) == {"weight_version": "step-1",
+                                                                                "tensors": tensors}
+    assert server_weight_version(base, api_key=key) == "step-1"
     assert served_tokens(server, prompts) == fresh  # a fresh engine's tokens on the new checkpoint
 
-    # Back to the served checkpoint, for the other tests on this server: its tokens again.
-    assert update_server_weights(base, checkpoint_path(4), "default")["weight_version"] == "default"
+    # Back to the served checkpoint (its copy inside the root), for the other tests on this server.
+    assert update_server_weights(base, server.served_weights, "default", api_key=key)["weight_version"] == "default"
     assert served_tokens(server, prompts) == updated["before"]
+
+
+@pytest.mark.server
+def test_server_weight_routes_take_the_key_and_read_only_under_the_root(server, ckpts):
+    """Without the key nothing changes: the same version and the same temperature-0 tokens. The root that
+    `bd3 serve --weight-update-root` names reaches the server: the bundled checkpoint, outside it, is a 403."""
+    from vllm_backend.server.weight_routes import server_weight_version
+
+    base, prompts = server.base, ckpts["prompts"]
+    before = served_tokens(server, prompts)
+    update = {"path": str(ckpts["new"]), "version": "evil"}  # a good checkpoint inside the root
+    for headers in ({}, {"Authorization": "Bearer not-the-key"}, {"Authorization": server.key}):
+        r = requests.post(f"{base}/bd3/update_weights", json=update, headers=headers, timeout=30)
+        assert (r.status_code, r.json()) == (401, {"error": "Unauthorized"}), (headers, r.text)
+        assert requests.get(f"{base}/bd3/weight_info", headers=headers, timeout=30).status_code == 401
+    outside = {"path": str(checkpoint_path(4)), "version": "evil"}
+    r = requests.post(f"{base}/bd3/update_weights", json=outside, headers=server.headers, timeout=30)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["message"] == OUTSIDE_ROOT.format(server.weight_root.resolve())
+    assert server_weight_version(base, api_key=server.key) == "default"
+    assert served_tokens(server, prompts) == before
+
+
+# ---- the routes before the engine: vLLM's app in this process -----------------------------------------
+KEY = "route-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from starlette.testclient import TestClient
+
+    return TestClient(vllm_app("--api-key", KEY))  # an exception that escapes the app fails the test
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    """A weight-update root holding a checkpoint, beside a folder outside it holding another; the server's
+    update route reads under the root, as `bd3 serve --weight-update-root` sets it."""
+    inside, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(checkpoint_path(4), inside / "ck")
+    shutil.copytree(checkpoint_path(4), outside / "ck")
+    monkeypatch.setenv(WEIGHT_ROOT_ENV, str(inside))
+    return inside.resolve()
+
+
+def test_without_the_start_up_flag_there_is_no_update_route(client, monkeypatch):
+    monkeypatch.delenv(WEIGHT_ROOT_ENV, raising=False)
+    body = {"path": str(checkpoint_path(4)), "version": "v"}
+    assert client.post("/bd3/update_weights", json=body, headers=AUTH).status_code == 404
+    assert client.get("/bd3/no_such_route", headers=AUTH).status_code == 404
+
+
+def test_every_bd3_route_takes_the_key_before_the_body(client, root):
+    body = {"path": "ck", "version": "v"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
+        for method, route in (("POST", "/bd3/update_weights"), ("GET", "/bd3/weight_info"), ("GET", "/bd3/x")):
+            r = client.request(method, route, json=body, headers=headers)
+            assert (r.status_code, r.json()) == (401, {"error": "Unauthorized"}), (method, route, headers)
+        r = client.post("/bd3/update_weights", content=b"not json", headers=headers)  # the key comes first
+        assert r.status_code == 401
+
+
+def test_paths_outside_the_root_are_403s_that_tell_nothing(client, root):
+    outside = root.parent / "outside"
+    (root / "to_ck").symlink_to(outside / "ck")
+    (root / "to_nothing").symlink_to(outside / "missing")
+    (root / "linked_weights").mkdir()  # a folder inside whose weights file is a link to one outside
+    (root / "linked_weights" / WEIGHTS).symlink_to(outside / "ck" / WEIGHTS)
+    shutil.copy(outside / "ck" / "config.json", root / "linked_weights" / "config.json")
+    named_outside = [("../outside/ck", "../outside/missing"), (f"{root}/../outside/ck", f"{root}/../outside/nope"),
+                     ("ck/../../outside/ck", "ck/../../x/y"), (str(outside / "ck"), str(outside / "missing")),
+                     ("/etc/passwd", "/etc/no-such-file")]
+    through_links = [("to_ck", "to_nothing"), (f"to_ck/{WEIGHTS}", f"to_nothing/{WEIGHTS}"),
+                     ("linked_weights", "to_ck/../to_nothing")]
+    answers = set()
+    for existing, missing in named_outside + through_links:
+        for path in (existing, missing):
+            r = client.post("/bd3/update_weights", json={"path": path, "version": "v"}, headers=AUTH)
+            assert r.status_code == 403, (path, r.text)
+            answers.add(r.text)
+    assert answers == {r.text}  # one answer, the same for a path that exists and one that does not
+    assert r.json()["error"] == {"message": OUTSIDE_ROOT.format(root), "type": "PermissionDeniedError",
+                                 "param": "path", "code": 403}
+
+
+def test_paths_inside_the_root_resolve_there(root):
+    (root / "alias").symlink_to(root / "ck")
+    for path in ("ck", str(root / "ck"), "alias", "ck/../ck", "./ck/"):
+        assert inside_root(path, root) == root / "ck", path
+    assert inside_root(f"alias/{WEIGHTS}", root) == root / "ck" / WEIGHTS
+    assert inside_root("missing", root) == root / "missing"  # inside: the update's own checks answer for it
+    assert inside_root("ck\0", root) is None  # no path with a NUL byte can be read
+
+
+def test_bd3_serve_passes_the_root_to_the_server_alone(tmp_path, monkeypatch, capsys):
+    """`bd3 serve --weight-update-root DIR` puts the resolved DIR in the server's environment; an inherited
+    variable never opens the route; without a key the start says who can then update the weights."""
+    from bd3_plugin.cli.main import main
+
+    started = []
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: started.append((argv, env)))
+    monkeypatch.setenv(WEIGHT_ROOT_ENV, "/inherited")
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert main(["serve", "--port", "1"]) == 0
+    assert WEIGHT_ROOT_ENV not in started[-1][1] and "--weight-update-root" not in started[-1][0]
+    assert "open to anyone" not in capsys.readouterr().err
+    assert main(["serve", "--weight-update-root", str(tmp_path / "."), "--", "--api-key", "k"]) == 0
+    assert started[-1][1][WEIGHT_ROOT_ENV] == str(tmp_path.resolve())
+    assert "open to anyone" not in capsys.readouterr().err
+    assert main(["serve", "--weight-update-root", str(tmp_path)]) == 0
+    assert f"update_weights (reading under {tmp_path.resolve()}) is open to anyone" in capsys.readouterr().err
+    assert main(["serve", "--weight-update-root", str(tmp_path / "missing")]) == 2
+    assert "--weight-update-root" in capsys.readouterr().err and len(started) == 3
+    assert WEIGHT_ROOT_ENV not in environment(None) and os.environ[WEIGHT_ROOT_ENV] == "/inherited"

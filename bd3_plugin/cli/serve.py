@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from bd3_plugin.cli.common import UsageError, checkpoint_arg, subparser, user_input
 
@@ -9,11 +10,14 @@ from bd3_plugin.cli.common import UsageError, checkpoint_arg, subparser, user_in
 def add_parser(sub) -> None:
     p = subparser(sub, "serve", help="serve a checkpoint with vLLM's OpenAI-compatible server",
                   usage="bd3 serve [CHECKPOINT] [--host H] [--port N] [--max-model-len M] "
-                        "[vllm serve arguments] [-- vllm serve arguments]")
+                        "[--weight-update-root DIR] [vllm serve arguments] [-- vllm serve arguments]")
     p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint folder (default: tiny-bd3-L4)")
     p.add_argument("--host", default=None, help="default: 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default: 8000")
     p.add_argument("--max-model-len", type=int, default=None, help="default: the model length")
+    p.add_argument("--weight-update-root", metavar="DIR", default=None,
+                   help="add POST /bd3/update_weights, which loads checkpoints found inside DIR only "
+                        "(default: no update route)")
 
 
 def parse_serve(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -30,10 +34,15 @@ def run(args) -> dict:
 
     checkpoint = str(checkpoint_folder(checkpoint_arg(args)))
     extra = args.vllm_args
+    root = None
+    if args.weight_update_root is not None:
+        root = Path(args.weight_update_root).expanduser().resolve()
+        if not root.is_dir():
+            raise UsageError(f"--weight-update-root {args.weight_update_root} is not a folder")
     try:
         from vllm_backend.server.serve import exec_server
     except ImportError as err:
         raise UsageError(f"vLLM is not installed ({err}); install bd3-plugin[cpu] or bd3-plugin[gpu]") from None
     with user_input():  # a flag given twice, to bd3 serve and to vllm serve
-        exec_server(checkpoint, args.host, args.port, args.max_model_len, extra)
+        exec_server(checkpoint, args.host, args.port, args.max_model_len, extra, root)
     return {}

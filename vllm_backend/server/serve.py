@@ -2,7 +2,9 @@
 
 Plain `vllm serve CKPT` also works (the plugin fills in the block-decoding engine arguments); this adds
 CPU-friendly defaults and the middleware that answers a request with an unsupported field or bad sampler
-settings with a 400, streaming or not.
+settings with a 400, streaming or not, and adds the /bd3 weight routes. The update route is there only when
+`bd3 serve --weight-update-root DIR` names the folder it may read under; the server process learns it from
+the environment (`BD3_WEIGHT_UPDATE_ROOT`), which `bd3 serve` sets from the flag alone.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+
+WEIGHT_ROOT_ENV = "BD3_WEIGHT_UPDATE_ROOT"
 
 # Request validation (400s, streaming or not), the weight-update routes (/bd3/update_weights,
 # /bd3/weight_info) and trajectories in responses. The last is outermost (vLLM adds them in order): the
@@ -58,16 +62,23 @@ def _vllm_version() -> str:
         return ""
 
 
-def environment() -> dict[str, str]:
+def environment(weight_update_root: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     if "+cpu" in _vllm_version():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM sizes the CPU cache from NUMA memory otherwise
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.pop(WEIGHT_ROOT_ENV, None)  # the flag alone opens the update route, never an inherited variable
+    if weight_update_root is not None:
+        env[WEIGHT_ROOT_ENV] = str(weight_update_root)
     return env
 
 
 def exec_server(checkpoint: str, host: str | None, port: int | None, max_model_len: int | None,
-                extra: list[str]) -> None:
+                extra: list[str], weight_update_root: Path | None = None) -> None:
     argv = command(checkpoint, host, port, max_model_len, extra)
+    env = environment(weight_update_root)
     print(" ".join(argv), file=sys.stderr)
-    os.execve(argv[0], argv, environment())
+    if weight_update_root is not None and "--api-key" not in flag_names(extra) and not env.get("VLLM_API_KEY"):
+        print(f"warning: POST /bd3/update_weights (reading under {weight_update_root}) is open to anyone who "
+              "can reach the server: give --api-key or VLLM_API_KEY", file=sys.stderr)
+    os.execve(argv[0], argv, env)
