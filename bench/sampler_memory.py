@@ -32,16 +32,46 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def step_peak(config: SamplerConfig, rows: int, block_size: int, vocab: int) -> tuple[int, int]:
+def cuda_peak_bytes(fn) -> int:
+    """The same on the current CUDA device, from its caching allocator's statistics."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def bytes_per_entry(temperature: float, top_k: int = 0, top_p: float = 1.0) -> int:
+    """The formula's c: float64 (n, V) tensors live at once at the step's peak (+ 1 byte per entry for a
+    top-k mask). Temperature 0: the SUBS logits and their softmax (filters are off when greedy). Above 0:
+    the probabilities, the uniforms, the exponential noise and p / noise while the tokens are drawn; top-k's
+    sort (values and int64 indices) and mask over the softmax (41); top-p's sort, cumulative sum and masks
+    (50)."""
+    if temperature == 0:
+        return 16
+    if top_p < 1.0:
+        return 50
+    return 41 if top_k else 32
+
+
+def reads(algorithm: str, temperature: float, rows: int, block_size: int) -> int:
+    """n for an all-mask block: first-hitting above temperature 0 reads one slot per row, the rest all."""
+    return rows if algorithm == "first_hitting" and temperature > 0 else rows * block_size
+
+
+def step_peak(config: SamplerConfig, rows: int, block_size: int, vocab: int, device: str = "cpu"
+              ) -> tuple[int, int]:
     """(peak bytes, slots read) of the first step of an all-mask block of `rows` × `block_size` slots at the
-    grid's last level pair (DDPM then reveals every masked slot: its worst case)."""
+    grid's last level pair (DDPM then reveals every masked slot: its worst case), with the logits and the
+    rows' generators on `device`."""
     mask_id = vocab - 1
     sampler = sampler_for(config, mask_id)
-    masked = torch.ones(rows, block_size, dtype=torch.bool)
-    logits = torch.randn(rows, block_size, vocab, generator=torch.Generator().manual_seed(0))  # (B, L', V)
+    masked = torch.ones(rows, block_size, dtype=torch.bool, device=device)
+    logits = torch.randn(rows, block_size, vocab, generator=torch.Generator().manual_seed(0)).to(device)  # (B, L', V)
 
     def generators() -> list[torch.Generator]:
-        return [torch.Generator().manual_seed(r) for r in range(rows)]
+        return [torch.Generator(device).manual_seed(r) for r in range(rows)]
 
     read = int(sampler.read(masked, generators()).sum())
     gens = generators()
@@ -50,7 +80,8 @@ def step_peak(config: SamplerConfig, rows: int, block_size: int, vocab: int) -> 
         chosen = sampler.read(masked, gens)
         sampler.step(logits, masked, chosen, gens, block_size - 1, 1 / block_size, 0.0)
 
-    return peak_bytes(one_step), read
+    measure = cuda_peak_bytes if torch.device(device).type == "cuda" else peak_bytes
+    return measure(one_step), read
 
 
 SETTINGS = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, top_k=50),

@@ -14,29 +14,11 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-from sampler_memory import SETTINGS, peak_bytes, step_peak  # noqa: E402
+from sampler_memory import SETTINGS, bytes_per_entry, peak_bytes, reads, step_peak  # noqa: E402
 
 from bd3_plugin.sampling import SamplerConfig  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "vllm_backend" / "README.md"
-
-
-def bytes_per_entry(temperature: float, top_k: int = 0, top_p: float = 1.0) -> int:
-    """The formula's c: float64 (n, V) tensors live at once at the step's peak (+ 1 byte per entry for a
-    top-k mask). Temperature 0: the SUBS logits and their softmax (filters are off when greedy). Above 0:
-    the probabilities, the uniforms, the exponential noise and p / noise while the tokens are drawn; top-k's
-    sort (values and int64 indices) and mask over the softmax (41); top-p's sort, cumulative sum and masks
-    (50)."""
-    if temperature == 0:
-        return 16
-    if top_p < 1.0:
-        return 50
-    return 41 if top_k else 32
-
-
-def reads(algorithm: str, temperature: float, rows: int, block_size: int) -> int:
-    """n for an all-mask block: first-hitting above temperature 0 reads one slot per row, the rest all."""
-    return rows if algorithm == "first_hitting" and temperature > 0 else rows * block_size
 
 
 SIZES = [(2, 4, 1000), (4, 8, 3000)]  # (rows, L', V): n·V from 2,000 to 96,000
