@@ -17,5 +17,7 @@ def per_row(generators: Generators, rows: int) -> list[torch.Generator]:
     return list(generators)
 
 
-def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+def seeded_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per seed on `device`. A seed's stream depends on the device's generator (CPU: Mersenne
+    Twister; CUDA: Philox), so the same seed draws other numbers, and samples other tokens, on CUDA."""
+    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]

@@ -44,14 +44,17 @@ def denoise_block(block: torch.Tensor, forward: Callable[[torch.Tensor, torch.Te
         recorder.begin(block)
     while True:
         masked = block == mask_id
-        if not masked.any():
+        live = masked.any(dim=1)  # (B,) rows with masks
+        needs = live & stale
+        cached = live & ~needs  # (B,) rows that keep their last logits
+        # The loop's three decisions in one read of the device (each read waits for the device on CUDA).
+        any_masked, any_needs, any_cached = torch.stack((live.any(), needs.any(), cached.any())).tolist()
+        if not any_masked:
             break
-        needs = masked.any(dim=1) & stale
         read = sampler.read(masked, generators)
-        if needs.any():
+        if any_needs:
             fresh = forward(block, read & needs[:, None])
-            cached = masked.any(dim=1) & ~needs  # (B,) rows that keep their last logits
-            if cached.any():
+            if any_cached:
                 fresh[cached] = logits[cached]
             logits = fresh
             passes += 1
@@ -65,6 +68,7 @@ def denoise_block(block: torch.Tensor, forward: Callable[[torch.Tensor, torch.Te
         if recorder is not None:
             recorder.step(logits, masked, result, row_steps, grid_i, t, s)
         grid_i += 1
-        block[reveal] = result.tokens[reveal]
-        reveal_step[reveal] = row_steps[:, None].expand_as(reveal)[reveal]
+        # Written with where, not boolean indexing: the same values, and no wait for the device on CUDA.
+        block.copy_(torch.where(reveal, result.tokens, block))
+        reveal_step.copy_(torch.where(reveal, row_steps[:, None], reveal_step))
     return BlockOutcome(passes, row_steps, reveal_step)

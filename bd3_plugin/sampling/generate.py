@@ -67,7 +67,7 @@ def _builders(prompts, generators: Generators | None, model: BD3LM, config: Samp
         seeds = [g.initial_seed() for g in gens]
         drawn = False
         shared = len({id(g) for g in gens}) < len(gens)
-        replays = [not shared and torch.equal(g.get_state(), torch.Generator().manual_seed(sd).get_state())
+        replays = [not shared and torch.equal(g.get_state(), torch.Generator(g.device).manual_seed(sd).get_state())
                    for g, sd in zip(gens, seeds)]
     cfg = model.config
     return [TrajectoryBuilder(p, cfg.block_size, cfg.mask_id, config, sd, drawn, rp)
@@ -83,8 +83,9 @@ def generate(model: BD3LM, prompts: Sequence[Sequence[int]], config: SamplerConf
     generators each row gets a freshly drawn seed; at temperature 0 no generator is drawn from.
     `record=True` returns each row's `Trajectory` too (the tokens are the same either way)."""
     builders = _builders(prompts, generators, model, config) if record else None
-    if generators is None:
-        generators = seeded_generators([b.seed for b in builders] if record else draw_seeds(len(prompts)))
+    if generators is None:  # drawn on the model's device, as the vLLM runner draws a request's
+        seeds = [b.seed for b in builders] if record else draw_seeds(len(prompts))
+        generators = seeded_generators(seeds, model.device)
     if not prompts:
         return GenerateOutput([], 0, 0, [] if record else None)
     cfg = model.config

@@ -23,10 +23,10 @@ def worst_block_step(compute_logits, width: int, dtype: torch.dtype, device: tor
                      block_size: int, mask_id: int) -> None:
     """One step of the WORST sampler over `rows` all-mask blocks, on float32 logits from the output layer
     `compute_logits` ((k, width) hidden states -> (k, V)) at every slot, as a pass over those blocks gives
-    them; the step's tokens are thrown away. Generators are the host ones the runner uses."""
+    them; the step's tokens are thrown away. Generators are on `device`, as the runner's are."""
     states = torch.rand(rows * block_size, width, dtype=dtype, device=device)  # (B·L', D)
     logits = compute_logits(states).view(rows, block_size, -1)  # (B, L', V)
     del states
     masked = torch.ones(rows, block_size, dtype=torch.bool, device=device)
-    generators = [torch.Generator().manual_seed(r) for r in range(rows)]
+    generators = [torch.Generator(device).manual_seed(r) for r in range(rows)]
     sampler_for(WORST, mask_id).step(logits, masked, masked, generators, block_size - 1, 1 / block_size, 0.0)

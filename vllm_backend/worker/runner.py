@@ -210,9 +210,12 @@ class BD3RunnerMixin:
         return sampler_config(self.requests[rid].sampling_params, self.bd3.block_size)
 
     def _generator(self, rid: str) -> torch.Generator:
+        """The request's generator, on the model's device: its draws need no copy to the device, and a seed
+        gives the tokens of `generate` with `seeded_generators([seed], device)` (on CUDA not the CPU's)."""
         if rid not in self._generators:
             seed = self.requests[rid].sampling_params.seed
-            self._generators[rid] = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+            seed = seed if seed is not None else random.getrandbits(63)
+            self._generators[rid] = torch.Generator(self.device).manual_seed(seed)
         return self._generators[rid]
 
     def _sample(self, logits, spec_decode_metadata) -> SamplerOutput:
