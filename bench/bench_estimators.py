@@ -37,7 +37,7 @@ def accuracy_table(items: list[dict], block_sizes: list[int], passes: list[int],
              "|---:|---|" + "---:|" * len(passes)]
     for size in block_sizes:
         lm = BD3EvalLM(pretrained=str(checkpoint_path(size)), greedy_check=False)
-        a, b = eval_interval(lm.model)
+        a, b = eval_interval(lm.model.config.block_size)
         for name in names:
             cells = []
             for p in passes:

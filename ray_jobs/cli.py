@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from ray_jobs.plan import plan
+from ray_jobs.inputs import InputError, check_inputs
+from ray_jobs.plan import expand_checkpoints, plan
 
 
 def task_groups(values: list[str]) -> list[list[str]]:
@@ -26,15 +27,6 @@ def task_groups(values: list[str]) -> list[list[str]]:
             group += sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else [item]
         groups.append(group)
     return groups
-
-
-def known_tasks(groups: list[list[str]]) -> list[str]:
-    """Names lm-eval does not know (checked once, before any unit runs)."""
-    from ray_jobs.unit import task_manager
-
-    names = sorted({t for g in groups for t in g})
-    manager = task_manager(tuple(names))
-    return [t for t in names if t not in manager.all_tasks]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "L' = 1, 4, 16, 128)")
     p.add_argument("--tasks", nargs="+", default=["synthetic_ppl", "synthetic_mc"], help="task groups (lm_eval_tasks/)")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="folder of the results, table and plot")
-    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster: HOST:PORT, or auto (RAY_ADDRESS, else the cluster "
+                        "of the latest `ray start` on this machine) (default: start a new local instance)")
     p.add_argument("--gpus-per-unit", type=float, default=None, help="default: 1 if the cluster has GPUs, else 0")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--model-args", default="",
@@ -71,13 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray_jobs.launcher import SweepError, run_sweep
 
     groups = task_groups(args.tasks)
-    if not all(groups):
-        print("bd3-sweep: error: an empty task group", file=sys.stderr)
-        return 2
-    unknown = known_tasks(groups)
-    if unknown:
-        print(f"bd3-sweep: error: unknown task(s): {', '.join(unknown)} (not in lm-eval or lm_eval_tasks/)",
-              file=sys.stderr)
+    try:  # before any cluster starts or is joined
+        check_inputs(expand_checkpoints(args.checkpoints), groups, args.model_args, args.batch_size)
+    except InputError as err:
+        print(f"bd3-sweep: error: {err}", file=sys.stderr)
         return 2
     units = plan(args.checkpoints, groups, model_args=args.model_args, limit=args.limit, batch_size=args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)

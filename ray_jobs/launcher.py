@@ -32,7 +32,9 @@ def connect(address: str | None, num_cpus: int | None):
     if address:
         _check_reachable(address)
     try:
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+        # "local" always starts a new instance: None would join RAY_ADDRESS or the last cluster recorded in
+        # Ray's temp folder, which may be stale (ray._private.services.canonicalize_bootstrap_address).
+        ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
                  ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
     except Exception as err:
         raise SweepError(f"cannot start or join Ray ({address or 'local'}): {err}".splitlines()[0]) from None

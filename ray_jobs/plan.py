@@ -34,8 +34,8 @@ class Unit:
 
 
 def expand_checkpoints(patterns: list[str]) -> list[str]:
-    """Folders and globs expand on disk; anything else (a hub id, or a path that does not exist) is
-    kept as given, so that its unit fails with its own message."""
+    """Folders and globs expand on disk; anything else (a hub id, a path that does not exist, a glob that
+    matches no folder) is kept as given, for the checks before the sweep (inputs.py) to name it."""
     out: list[str] = []
     for pattern in patterns:
         matches = sorted(p for p in glob.glob(pattern) if Path(p).is_dir()) if any(c in pattern for c in "*?[") else []

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bd3_plugin.core.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from bd3_plugin.core.checkpoint import CheckpointError, is_hub_id, load_checkpoint, load_model, save_checkpoint
 from bd3_plugin.core.config import BD3Config, ConfigError
 from bd3_plugin.sampling.config import SamplerConfig
 from bd3_plugin.sampling.generate import generate
@@ -90,3 +90,12 @@ def test_released_shapes_load_strictly_and_run(tmp_path):
     g = generate(loaded, [x[0, :6].tolist()], SamplerConfig(max_new_tokens=8, top_p=0.9),
                  seeded_generators([0])).generations[0]
     assert len(g.tokens) == 8 and 50257 not in g.tokens
+
+
+@pytest.mark.parametrize("name, hub", [
+    ("kuleshov-group/bd3lm-owt-block_size4", True), ("org/model.v2", True), ("runs/*", False), ("runs/[ab]", False),
+    ("./runs/ckpt", False), ("/abs/ckpt", False), ("~/ckpt", False), ("runs/a/ckpt", False), ("ckpt", False),
+])
+def test_only_owner_slash_name_may_be_a_hub_id(name, hub):
+    """Anything else is a local path, so a sweep can call it missing without asking the hub."""
+    assert is_hub_id(name) is hub

@@ -3,17 +3,22 @@ sweep, bad input (the mistakes caught before Ray starts are checked through `mai
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 
+from bd3_plugin.core.checkpoint import read_config
+from bd3_plugin.core.config import ConfigError
 from bd3_plugin.tinyworld.data import checkpoint_path
 from early import early_fixture
+from ray_jobs import launcher
 from ray_jobs.cli import main
 from ray_jobs.plan import Unit, plan, status
 from ray_jobs.unit import run_unit
@@ -29,12 +34,12 @@ COMMON = ["--tasks", *TASKS, "--limit", "8", "--num-cpus", "2", "--model-args", 
 ONE_SWEEP = threading.Lock()
 
 
-def sweep(out, *extra, checkpoints=CKPTS, popen=False):
+def sweep(out, *extra, checkpoints=CKPTS, popen=False, env=None):
     argv = [SWEEP, "--checkpoints", *checkpoints, "--out", str(out), *COMMON, *extra]
     if popen:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
 
 
 def units(out=None):
@@ -139,22 +144,24 @@ def test_an_interrupted_sweep_finishes_only_the_missing_units(interrupted_sweep)
 
 @early_fixture
 def bad_checkpoints_sweep(folder):
-    not_bd3 = folder / "llama"
-    not_bd3.mkdir()
-    (not_bd3 / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    """A checkpoint whose config reads but whose weights are missing (found only when its unit loads it) beside
+    a good one, swept without --address while RAY_ADDRESS names a port where no cluster listens."""
+    no_weights = folder / "no-weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(CKPTS[1]) / name, no_weights / name)
     out = folder / "sweep"
     with ONE_SWEEP:
-        return out, sweep(out, checkpoints=[str(folder / "missing"), str(not_bd3), CKPTS[1]])
+        return out, sweep(out, checkpoints=[str(no_weights), CKPTS[1]], env=os.environ | {"RAY_ADDRESS": "127.0.0.1:1"})
 
 
 @pytest.mark.cluster
 @pytest.mark.cli
-def test_bad_checkpoints_fail_their_units_and_the_others_run(bad_checkpoints_sweep):
+def test_a_failing_unit_is_recorded_and_the_others_run_on_a_new_local_instance(bad_checkpoints_sweep):
     out, r = bad_checkpoints_sweep
-    assert r.returncode == 1  # some units failed; the others ran
+    assert r.returncode == 1, r.stderr[-3000:]  # some units failed; the others ran, on an instance of its own
     rows = table(out)
-    assert rows[("missing", "synthetic_ppl", "error")]["value"].startswith("CheckpointError: no checkpoint folder")
-    assert "not a BD3-LM config" in rows[("llama", "synthetic_mc", "error")]["value"]
+    assert rows[("no-weights", "synthetic_ppl", "error")]["value"].startswith("CheckpointError: no model.safetensors")
     assert rows[("tiny-bd3-L4", "synthetic_ppl", "word_perplexity")]["status"] == "ok"
 
 
@@ -167,9 +174,69 @@ def one_line_error(capsys, argv) -> str:
     return lines[0]
 
 
-def test_bad_input_before_ray_starts_is_one_line(capsys, tmp_path):
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if the sweep calls ray.init (to start or join a cluster)."""
+    def init(**kwargs):
+        raise AssertionError(f"ray.init{kwargs}")
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=init))
+
+
+def test_bad_input_before_ray_starts_is_one_line(capsys, tmp_path, no_ray):
     argv = ["--checkpoints", *CKPTS, *COMMON]
     line = one_line_error(capsys, [*argv, "--out", str(tmp_path / "x"), "--tasks", "synthetic_ppl,no_such_task"])
     assert line == "bd3-sweep: error: unknown task(s): no_such_task (not in lm-eval or lm_eval_tasks/)"
     line = one_line_error(capsys, [*argv, "--out", str(tmp_path / "y"), "--address", "127.0.0.1:1"])
     assert line.startswith("bd3-sweep: error: cannot reach the Ray cluster at 127.0.0.1:1")
+
+
+def test_bad_checkpoints_before_ray_starts_are_one_line(capsys, tmp_path, no_ray):
+    not_bd3 = tmp_path / "llama"
+    not_bd3.mkdir()
+    (not_bd3 / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    bad = [str(tmp_path / "missing"), str(tmp_path / "runs" / "*"), str(not_bd3), str(Path(CKPTS[0]) / "config.json")]
+    line = one_line_error(capsys, ["--checkpoints", *bad, CKPTS[0], *COMMON, "--out", str(tmp_path / "out")])
+    with pytest.raises(ConfigError) as llama:
+        read_config(not_bd3)
+    assert line == (f"bd3-sweep: error: no checkpoint folder at {bad[0]}; no checkpoint folder at {bad[1]}; "
+                    f"{not_bd3}: {llama.value}; {bad[3]} is a file; expected a checkpoint folder holding config.json")
+    assert "not a BD3-LM config: model_type is 'llama'" in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_args, message", [
+    ("passes=16,mc_sample=2", "--model-args 'passes=16,mc_sample=2': bd3 model_args: unknown key(s) mc_sample; known: "),
+    ("passes=0", "--model-args 'passes=0': bd3 model_args: passes must be a positive integer, got 0"),
+    ("passes", "--model-args 'passes': bd3 model_args: passes must be a positive integer, got ''"),
+    ("protocol=chunks", "--model-args 'protocol=chunks': bd3 model_args: protocol must be one of "),
+    ("temperature=hot", "--model-args 'temperature=hot': temperature must be a finite number >= 0, got 'hot'"),
+    ("block_size=3", f"--model-args 'block_size=3' with {CKPTS[0]}: block_size 3 does not divide model_length"),
+    ("estimator=exact,passes=2", f"--model-args 'estimator=exact,passes=2' with {CKPTS[1]}: exact needs 15 passes"),
+    ("batch_size=4,pretrained=x", "--model-args must not set pretrained (set by --checkpoints), batch_size (set by "
+                                  "--batch-size)"),
+])
+def test_bad_model_args_before_ray_starts_are_one_line(capsys, tmp_path, no_ray, model_args, message):
+    line = one_line_error(capsys, ["--checkpoints", *CKPTS, "kuleshov-group/bd3lm-owt-block_size4", *COMMON,
+                                   "--model-args", model_args, "--out", str(tmp_path / "out")])
+    assert line.startswith(f"bd3-sweep: error: {message}"), line
+
+
+def test_adapter_accepts_what_the_checks_accept(tmp_path):
+    """Negative control of the model-args checks: args they pass build the adapter on the same checkpoints."""
+    from bd3_plugin.evals.lm_eval_adapter import BD3EvalLM
+    from ray_jobs.inputs import check_model_args, local_configs
+
+    model_args = "estimator=exact,passes=16,block_size=2,algorithm=threshold,temperature=0.5"
+    check_model_args(model_args, CKPTS, local_configs(CKPTS), batch_size=16)
+    with pytest.warns(UserWarning, match="scoring with block_size 2; the checkpoint was trained with 4"):
+        lm = BD3EvalLM.create_from_arg_string(f"pretrained={CKPTS[1]},{model_args}", {"batch_size": 16,
+                                                                                      "device": "cpu"})
+    assert lm.model.config.block_size == 2
+
+
+def test_without_address_ray_starts_a_new_local_instance(monkeypatch):
+    """`ray.init(address=None)` would join RAY_ADDRESS or the last cluster in Ray's temp folder; "local" never does."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=lambda **kw: calls.append(kw)))
+    launcher.connect(None, 2)
+    launcher.connect("auto", 2)
+    assert [(c["address"], c["num_cpus"]) for c in calls] == [("local", 2), ("auto", None)]

@@ -49,7 +49,7 @@ def run(args) -> dict:
             raise UsageError(f"{args.text_file} is empty")
     ckpt = load(args)
     with user_input():
-        check_fits(estimator, ckpt.model.config.block_size, *eval_interval(ckpt.model))
+        check_fits(estimator, ckpt.model.config.block_size, *eval_interval(ckpt.model.config.block_size))
     eos = [ckpt.eos_id] if lines and ckpt.eos_id is not None else []
     docs = [ckpt.encode(t) + eos for t in texts]
     per_doc = score_documents(ckpt.model, docs, bos_id=ckpt.tokenizer.bos_token_id, estimator=estimator,

@@ -3,6 +3,7 @@ with `backbone.*` names + tokenizer files). Loading is native (no remote code) a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,15 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded as written; the message names every problem."""
 
 
+_HUB_ID = re.compile(r"[\w-][\w.-]*/[\w-][\w.-]*")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a name that is no local path may be a hub id (owner/name); anything else can only be a
+    local folder, so its absence is known without asking the hub."""
+    return bool(_HUB_ID.fullmatch(name))
+
+
 def checkpoint_folder(name_or_path: str | Path) -> Path:
     """A local checkpoint folder, or a Hugging Face hub id downloaded to the local cache."""
     path = Path(name_or_path).expanduser()
@@ -31,7 +41,7 @@ def checkpoint_folder(name_or_path: str | Path) -> Path:
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint folder holding {CONFIG}")
     name = str(name_or_path)
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if not is_hub_id(name):
         raise CheckpointError(f"no checkpoint folder at {name}")
     try:
         from huggingface_hub import snapshot_download

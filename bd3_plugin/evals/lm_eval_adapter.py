@@ -19,6 +19,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from bd3_plugin.core.checkpoint import load_checkpoint
+from bd3_plugin.core.config import BD3Config
 from bd3_plugin.likelihood.estimators import Estimator, check_fits, choose_estimator
 from bd3_plugin.sampling.config import SamplerConfig
 from bd3_plugin.sampling.generate import generate
@@ -107,6 +108,24 @@ class AdapterArgs:
         return cls(**kwargs)
 
 
+def checked_args(kwargs: dict) -> AdapterArgs:
+    """The model args as parsed for the model, with the sampler settings checked: every check that needs
+    no checkpoint (a sweep runs them before it starts any worker)."""
+    args = AdapterArgs.parse(kwargs)
+    SamplerConfig(algorithm=args.algorithm, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, steps=args.steps, threshold=args.threshold)  # validates the sampler settings
+    return args
+
+
+def scoring_config(args: AdapterArgs, config: BD3Config) -> BD3Config:
+    """The checkpoint's config at the block size scored with (`block_size=`, which must divide the model
+    length); refuses an `exact` estimator whose passes do not cover a block. Needs only config.json."""
+    if args.block_size is not None and args.block_size != config.block_size:
+        config = config.replace(block_size=args.block_size)  # validates divisibility
+    check_fits(args.scorer, config.block_size, *eval_interval(config.block_size))
+    return config
+
+
 def _fail(err: Exception):
     """Under the lm_eval command line, a bad argument is one line on stderr, not a traceback."""
     if os.path.basename(sys.argv[0]) in ("lm_eval", "lm-eval"):
@@ -120,16 +139,13 @@ class BD3EvalLM(TemplateLM):
     def __init__(self, **kwargs) -> None:
         super().__init__()
         try:
-            args = AdapterArgs.parse(kwargs)
+            args = checked_args(kwargs)
             self.ckpt = load_checkpoint(args.pretrained, device=args.device, dtype=getattr(torch, args.dtype))
-            if args.block_size is not None and args.block_size != self.ckpt.config.block_size:
-                cfg = self.ckpt.config.replace(block_size=args.block_size)  # validates divisibility
+            cfg = scoring_config(args, self.ckpt.config)
+            if cfg.block_size != self.ckpt.config.block_size:
                 warnings.warn(f"scoring with block_size {args.block_size}; the checkpoint was trained with "
                               f"{self.ckpt.config.block_size}", stacklevel=2)
                 self.ckpt.model.config = cfg
-            check_fits(args.scorer, self.ckpt.model.config.block_size, *eval_interval(self.ckpt.model))
-            SamplerConfig(algorithm=args.algorithm, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, steps=args.steps, threshold=args.threshold)  # validates the sampler settings
         except (ValueError, OSError) as err:
             _fail(err)
         self.args = args

@@ -75,10 +75,10 @@ def window_seed(seed: int, w: Window) -> int:
     return content_seed(seed, w.first, w.ids)
 
 
-def eval_interval(model: BD3LM) -> tuple[float, float]:
+def eval_interval(block_size: int) -> tuple[float, float]:
     """t ~ U[1e-3, 1] (the evaluation protocol); with L' = 1, t ≡ 1: the same expectation (the exact
     NLL), with no variance."""
-    return (1.0, 1.0) if model.config.block_size == 1 else (1e-3, 1.0)
+    return (1.0, 1.0) if block_size == 1 else (1e-3, 1.0)
 
 
 def window_estimator(mc_samples: int | None, estimator: Estimator | None) -> Estimator:
@@ -107,7 +107,7 @@ def score_windows(model: BD3LM, wins: list[Window], *, mc_samples: int | None = 
     Windows are batched by length. Each window's noise comes from its own seed: `seeds`, or a hash of its
     content (`window_seed`)."""
     est = window_estimator(mc_samples, estimator)
-    eps_min, eps_max = eval_interval(model)
+    eps_min, eps_max = eval_interval(model.config.block_size)
     seeds = [window_seed(seed, w) for w in wins] if seeds is None else seeds
     totals = torch.zeros(len(wins), columns(est), dtype=torch.float64)
     for idx, (x, valid, eligible) in _batches(wins, batch_size, model.device, progress, "nelbo"):
