@@ -30,7 +30,8 @@ def local_configs(checkpoints: list[str]) -> dict:
     missing folder, file in the way and unreadable or non-BD3 config.json."""
     from bd3_plugin.core.checkpoint import checkpoint_folder, is_hub_id, read_config
 
-    configs, problems = {}, []
+    configs = {}
+    problems = []
     for name in checkpoints:
         if is_hub_id(name) and not Path(name).expanduser().exists():
             continue
