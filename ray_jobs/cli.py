@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ray_jobs.collect import markdown, plot, rows, write_table
-    from ray_jobs.launcher import SweepError, run_sweep
+    from ray_jobs.cluster import ClusterError
+    from ray_jobs.launcher import run_sweep
 
     groups = task_groups(args.tasks)
     try:  # before any cluster starts or is joined
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts = run_sweep(units, args.out, address=args.address, gpus_per_unit=args.gpus_per_unit,
                            num_cpus=args.num_cpus, max_retries=args.max_retries)
-    except SweepError as err:
+    except ClusterError as err:
         print(f"bd3-sweep: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

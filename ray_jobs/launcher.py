@@ -2,43 +2,13 @@
 retry units whose worker died, and never rerun a unit whose result is already on disk."""
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from pathlib import Path
 
+from ray_jobs.cluster import connect
 from ray_jobs.plan import Unit, status
 from ray_jobs.unit import run_unit, write_atomic
-
-
-class SweepError(RuntimeError):
-    """A sweep that cannot start (the message is for the user)."""
-
-
-def _check_reachable(address: str) -> None:
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except (OSError, ValueError) as err:
-        raise SweepError(f"cannot reach the Ray cluster at {address}: {err}") from None
-
-
-def connect(address: str | None, num_cpus: int | None):
-    import ray
-
-    if address:
-        _check_reachable(address)
-    try:
-        # "local" always starts a new instance: None would join RAY_ADDRESS or the last cluster recorded in
-        # Ray's temp folder, which may be stale (ray._private.services.canonicalize_bootstrap_address).
-        ray.init(address=address or "local", num_cpus=None if address else num_cpus, include_dashboard=False,
-                 ignore_reinit_error=True, log_to_driver=False, configure_logging=False)
-    except Exception as err:
-        raise SweepError(f"cannot start or join Ray ({address or 'local'}): {err}".splitlines()[0]) from None
-    return ray
 
 
 def _remote_unit(unit: Unit, out: str, device: str) -> dict:

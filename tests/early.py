@@ -6,6 +6,7 @@ first tests, and each test waits only for what is not ready yet.
 `pytest_collection_modifyitems` in conftest.py starts every one that a selected test requests."""
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,9 @@ _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bd3-tests-early")
 _MAKERS: dict[str, Callable[[Path], object]] = {}
 _ORDER: dict[str, tuple[int, int]] = {}
 _STARTED: dict[str, Future] = {}
+# Held by each early command that starts a local Ray instance: one at a time, so that each driver starts its own
+# instance beside no other.
+ONE_RAY = threading.Lock()
 TIMEOUT = 1800  # s; each maker bounds its own waits, this only keeps a hung thread from hanging the session
 
 

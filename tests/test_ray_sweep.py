@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import types
 from pathlib import Path
@@ -17,8 +16,8 @@ import pytest
 from bd3_plugin.core.checkpoint import read_config
 from bd3_plugin.core.config import ConfigError
 from bd3_plugin.tinyworld.data import checkpoint_path
-from early import early_fixture
-from ray_jobs import launcher
+from early import ONE_RAY, early_fixture
+from ray_jobs import cluster, launcher
 from ray_jobs.cli import main
 from ray_jobs.plan import Unit, plan, status
 from ray_jobs.unit import run_unit
@@ -29,9 +28,8 @@ TASKS = ["synthetic_ppl", "synthetic_mc"]
 COMMON = ["--tasks", *TASKS, "--limit", "8", "--num-cpus", "2", "--model-args", "mc_samples=2"]
 
 
-# The sweeps start early, in background threads (tests/early.py); one at a time, so that each driver starts its
-# own local Ray instance beside no other.
-ONE_SWEEP = threading.Lock()
+# The sweeps start early, in background threads (tests/early.py), one Ray instance at a time.
+ONE_SWEEP = ONE_RAY
 
 
 def sweep(out, *extra, checkpoints=CKPTS, popen=False, env=None):
@@ -237,6 +235,6 @@ def test_without_address_ray_starts_a_new_local_instance(monkeypatch):
     """`ray.init(address=None)` would join RAY_ADDRESS or the last cluster in Ray's temp folder; "local" never does."""
     calls = []
     monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=lambda **kw: calls.append(kw)))
-    launcher.connect(None, 2)
-    launcher.connect("auto", 2)
+    cluster.connect(None, 2)
+    cluster.connect("auto", 2)
     assert [(c["address"], c["num_cpus"]) for c in calls] == [("local", 2), ("auto", None)]

@@ -1,5 +1,8 @@
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,8 +18,10 @@ from bd3_plugin.rl.egspo import (LengthBaseline, RLConfig, build_batch, clipped_
     greedy_rewards, group_advantages, update)
 from bd3_plugin.rl.engines import CoreEngine
 from bd3_plugin.rl.trajectory_scoring import score_trajectory
+from early import ONE_RAY, early_fixture
 from helpers import WORDS, random_model, tiny_config, word_tokenizer
 
+BD3 = str(Path(sys.executable).with_name("bd3"))
 TARGET = WORDS.index("cat")
 BANNED = WORDS.index("dog")
 
@@ -156,6 +161,12 @@ def test_cli_runs_on_the_tiny_world_and_refuses_bad_input(bd3, tmp_path):
     _one_line_error(bd3("--iterations", 0, "--out", tmp_path / "x"), "--iterations must be >= 1")
     _one_line_error(bd3("--iterations", 1, "--out", tmp_path / "x", "--lr", 2), "lr must lie in (0, 1)")
     _one_line_error(bd3("--iterations", 1, "--out", tmp_path / "x", "--group", 0), "group must be a positive")
+    _one_line_error(bd3("--iterations", 1, "--out", tmp_path / "x", "--rollout-workers", 2),
+                    "--rollout-workers needs --engine vllm")
+    _one_line_error(bd3("--iterations", 1, "--out", tmp_path / "x", "--engine", "vllm", "--rollout-workers", 0),
+                    "--rollout-workers needs --engine vllm and N >= 1")
+    _one_line_error(bd3("--iterations", 1, "--out", tmp_path / "x", "--ray-address", "auto"),
+                    "--ray-address is for the engines of --rollout-workers")
     _one_line_error(bd3("--iterations", 1, "--out", tmp_path / "x", "--max-new-tokens", 500),
                     "--max-new-tokens must lie in [1, 125]")
     other = tmp_path / "other"
@@ -164,17 +175,75 @@ def test_cli_runs_on_the_tiny_world_and_refuses_bad_input(bd3, tmp_path):
                     "tokenizer is not the tiny world's")
 
 
+VLLM_RL = ["--engine", "vllm", "--iterations", "2", "--prompts", "2", "--group", "4", "--steps-per-rollout", "2",
+           "--eval-every", "0", "--final-samples", "8", "--json"]
+
+
+@pytest.fixture(scope="session")
+def vllm_rl_run(engines, tmp_path_factory):
+    """`bd3 rl --engine vllm` (one engine, in the session's engine process): its output folder."""
+    out = tmp_path_factory.mktemp("vllm_rl") / "run"
+    assert engines.run("rl", {"argv": [*VLLM_RL, "--out", str(out)]}) == 0
+    return out
+
+
+@early_fixture
+def rollout_pool_run(folder):
+    """The same run as `vllm_rl_run` with two engines as Ray actors (`--rollout-workers 2`), as a command:
+    (output folder, exit status, stderr)."""
+    out = folder / "run"
+    with ONE_RAY:
+        done = subprocess.run([BD3, "rl", *VLLM_RL, "--out", str(out), "--rollout-workers", "2"],
+                              capture_output=True, text=True, timeout=900)
+    return out, done.returncode, done.stderr
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.engine
-def test_vllm_engine_rollouts_replay_under_the_updated_weights(engines, tmp_path):
+def test_vllm_engine_rollouts_replay_under_the_updated_weights(vllm_rl_run):
     """Rollouts served by vLLM, weights updated in place after every step: the core scorer, holding the
     trainer's weights, must reproduce each iteration's rollout log-probs (iteration 2's came from the
     engine after its first update, so this also checks that the update landed)."""
-    pytest.importorskip("vllm")
-    pytest.importorskip("vllm_backend.server.traces")  # the engine's trajectory helper
-    out = tmp_path / "run"
-    argv = ["--engine", "vllm", "--iterations", 2, "--out", out, "--prompts", 2, "--group", 4, "--steps-per-rollout",
-            2, "--eval-every", 0, "--final-samples", 8, "--json"]
-    assert engines.run("rl", {"argv": list(map(str, argv))}) == 0  # `bd3 rl` in the session's engine process
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    rows = _log(vllm_rl_run)
     assert [row["weight_version"] for row in rows] == ["rl-1", "rl-2"]
     assert all(row["max_logprob_gap"] <= 1e-5 for row in rows) and sum(row["scored_steps"] for row in rows) > 0, rows
+
+
+@pytest.mark.engine
+@pytest.mark.cluster
+@pytest.mark.cli
+def test_a_pool_of_two_engines_on_ray_trains_as_one_engine(vllm_rl_run, rollout_pool_run):
+    """Two engines, each drawing half of every rollout batch with the seeds one engine would use and each
+    loading every update: the same rollouts (rewards, lengths, the scorer's gap to each engine's log-probs)
+    and the same trained weights, to the bit, as one engine in the trainer's process."""
+    out, returncode, stderr = rollout_pool_run
+    assert returncode == 0, stderr[-3000:]
+    keys = ("reward", "mean_length", "distinct", "max_logprob_gap", "scored_steps", "weight_version")
+    pool_rows = [{k: row[k] for k in keys} for row in _log(out)]
+    assert pool_rows == [{k: row[k] for k in keys} for row in _log(vllm_rl_run)]
+    one = load_checkpoint(vllm_rl_run / "checkpoint").model.state_dict()
+    two = load_checkpoint(out / "checkpoint").model.state_dict()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert json.loads((out / "summary.json").read_text())["rollout_workers"] == 2
+
+
+def test_a_pool_splits_prompts_contiguously_and_refuses_what_the_cluster_cannot_hold():
+    from ray_jobs.rollout_pool import PoolError, _resources, _split
+
+    for count in range(0, 9):
+        for parts in range(1, 5):
+            ranges = _split(count, parts)
+            assert [i for r in ranges for i in r] == list(range(count))  # every prompt once, in order
+            sizes = [len(r) for r in ranges]
+            assert len(ranges) <= parts and max(sizes, default=0) - min(sizes, default=0) <= 1
+    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0})
+    assert _resources(cluster, 2) == {"num_cpus": 1}
+    with pytest.raises(PoolError, match="--rollout-workers 3 needs 3 CPUs .* the Ray cluster has 2"):
+        _resources(cluster, 3)
+    gpus = SimpleNamespace(cluster_resources=lambda: {"CPU": 16.0, "GPU": 2.0})
+    assert _resources(gpus, 2) == {"num_gpus": 1}
+    with pytest.raises(PoolError, match="needs 4 GPUs"):
+        _resources(gpus, 4)

@@ -83,7 +83,11 @@ class VLLMEngine:
         return out
 
     def update(self, model: BD3LM, version: str) -> None:
-        update_weights(self.llm, {k: v.detach().cpu() for k, v in model.state_dict().items()}, version)
+        self.load({k: v.detach().cpu() for k, v in model.state_dict().items()}, version)
+
+    def load(self, state: Mapping, version: str) -> None:
+        """`update` from a state dict (what a pool of engines on Ray receives through the object store)."""
+        update_weights(self.llm, state, version)
         self.version = version
 
     def close(self) -> None:

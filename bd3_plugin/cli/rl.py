@@ -25,6 +25,12 @@ def add_parser(sub) -> None:
     rl.add_argument("--out", type=Path, required=True, help="folder for log.jsonl, reward.png, checkpoint/")
     rl.add_argument("--checkpoint", default=str(checkpoint_path(16)), help="default: the bundled tiny-bd3-L16")
     rl.add_argument("--engine", choices=ENGINES, default="core", help="rollout engine")
+    rl.add_argument("--rollout-workers", type=int, default=None,
+                    help="with --engine vllm: N engines as Ray actors (one GPU each, else one CPU), the weights "
+                         "broadcast to all after each step (default: one engine in this process)")
+    rl.add_argument("--ray-address", default=None,
+                    help="with --rollout-workers: the Ray cluster to join ('auto': RAY_ADDRESS or the running "
+                         "one; default: a new local instance)")
     rl.add_argument("--seed", type=int, default=0, help="seed of prompts, rollouts and the anchor rows")
     d = RLConfig()
     helps = {"prompts": "prompts per iteration", "group": "G: rollouts per prompt",
@@ -66,6 +72,11 @@ def _check(args) -> None:
         raise UsageError(f"--anchor-rows must be >= 1, got {args.anchor_rows}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise UsageError(f"--time-limit must be > 0, got {args.time_limit}")
+    if args.rollout_workers is not None and (args.engine != "vllm" or args.rollout_workers < 1):
+        raise UsageError(f"--rollout-workers needs --engine vllm and N >= 1, got --engine {args.engine} "
+                         f"--rollout-workers {args.rollout_workers}")
+    if args.ray_address is not None and args.rollout_workers is None:
+        raise UsageError("--ray-address is for the engines of --rollout-workers; give both or neither")
     if (args.out / "log.jsonl").exists():
         raise UsageError(f"{args.out} already holds a run (log.jsonl); choose another --out")
     if args.out.exists() and not args.out.is_dir():
@@ -134,7 +145,7 @@ def _setup(args) -> _Run:
                          f"prompts up to {longest} tokens), got {args.max_new_tokens}")
     sampler = SamplerConfig(algorithm="first_hitting", temperature=1.0, max_new_tokens=args.max_new_tokens or budget)
     engine = (CoreEngine(policy, sampler, ckpt.eos_id) if args.engine == "core"
-              else _vllm_engine(ckpt, sampler, args.seed))
+              else _vllm_engine(ckpt, sampler, args))
     args.out.mkdir(parents=True, exist_ok=True)
     return _Run(args, cfg, ckpt, copy.deepcopy(policy).requires_grad_(False), engine,
                 DocumentReward(tok, args.logprob_weight),
@@ -144,12 +155,22 @@ def _setup(args) -> _Run:
                 SamplerConfig(algorithm="first_hitting", temperature=1.0, max_new_tokens=128))
 
 
-def _vllm_engine(ckpt, sampler, seed: int):
+def _vllm_engine(ckpt, sampler, args):
     try:
         from vllm_backend.rollout import VLLMEngine
     except ImportError as err:
         raise UsageError(f"--engine vllm needs vLLM ({err}); install bd3-plugin[cpu] or [gpu]") from None
-    return VLLMEngine(ckpt.path, sampler, ckpt.config.model_length, seed)
+    if args.rollout_workers is None:
+        return VLLMEngine(ckpt.path, sampler, ckpt.config.model_length, args.seed)
+    try:
+        from ray_jobs.rollout_pool import PoolError, RolloutPool
+    except ImportError as err:
+        raise UsageError(f"--rollout-workers needs Ray ({err}); install bd3-plugin[ray]") from None
+    try:
+        return RolloutPool(ckpt.path, sampler, ckpt.config.model_length, args.seed, args.rollout_workers,
+                           args.ray_address)
+    except PoolError as err:
+        raise UsageError(str(err)) from None
 
 
 def _iteration(run: _Run, it: int) -> dict:
@@ -212,6 +233,7 @@ def run(args) -> dict:
     summary = {"iterations": len(rows), "train_wall_seconds": t_train, "train_cpu_seconds": cpu_train,
                "start": start, "final": final, "source": source_reference(args.final_samples),
                "config": asdict(run.cfg), "baseline": args.baseline, "engine": args.engine, "seed": args.seed,
+               "rollout_workers": args.rollout_workers or 1,
                "seconds": {k: sum(r["seconds"][k] for r in rows) for k in rows[0]["seconds"]},
                "max_logprob_gap": max(r["max_logprob_gap"] for r in rows)}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

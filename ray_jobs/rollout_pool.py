@@ -1,0 +1,95 @@
+"""RL rollouts from a pool of vLLM engines on Ray: `RolloutPool` has the methods of the core's
+`bd3_plugin.rl.engines.CoreEngine` (`rollouts`, `update`, `close`, `version`), with N engines as Ray actors.
+
+A rollout batch is split by prompt into N contiguous parts, one per engine, and prompt j keeps the seeds it
+has in one engine (seed + j·G + i for its rollout i), so the pool draws the rollouts one engine would. An
+update puts the trainer's state dict into the object store once and every engine loads it (strictly, under
+the version label) before the next rollouts; a failed load on any engine fails the update."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class PoolError(RuntimeError):
+    """A pool that cannot start (the message is for the user)."""
+
+
+def _split(count: int, parts: int) -> list[range]:
+    """`count` items in `parts` contiguous ranges whose sizes differ by at most one (empty ones dropped)."""
+    bounds = [count * k // parts for k in range(parts + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+class _Engine:
+    """One pool member: `vllm_backend.rollout.VLLMEngine` in a Ray actor (the engine in the actor's process)."""
+
+    def __init__(self, checkpoint: str, sampler, model_length: int, seed: int) -> None:
+        from vllm_backend.rollout import VLLMEngine
+
+        self.engine = VLLMEngine(checkpoint, sampler, model_length, seed)
+
+    def rollouts(self, prompts, group: int, seed: int):
+        return self.engine.rollouts(prompts, group, seed)
+
+    def load(self, state, version: str) -> float:
+        start = time.perf_counter()
+        self.engine.load(state, version)
+        return time.perf_counter() - start
+
+    def where(self) -> str:
+        import os
+
+        return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def _resources(ray, workers: int) -> dict:
+    """One GPU per engine on a cluster with GPUs, else one CPU; refuses a pool the cluster cannot hold (its
+    actors would wait for resources forever)."""
+    total = ray.cluster_resources()
+    kind = "GPU" if total.get("GPU", 0) >= 1 else "CPU"
+    have = int(total.get(kind, 0))
+    if have < workers:
+        raise PoolError(f"--rollout-workers {workers} needs {workers} {kind}s (one per engine); "
+                        f"the Ray cluster has {have}")
+    return {"num_gpus": 1} if kind == "GPU" else {"num_cpus": 1}
+
+
+class RolloutPool:
+    """N vLLM engines as Ray actors, each loading `checkpoint`; `address` None starts a new local Ray instance."""
+
+    def __init__(self, checkpoint: str | Path, sampler, model_length: int, seed: int, workers: int,
+                 address: str | None = None) -> None:
+        from ray_jobs.cluster import ClusterError, connect
+
+        if workers < 1:
+            raise PoolError(f"--rollout-workers must be >= 1, got {workers}")
+        try:
+            self.ray = connect(address, None)
+        except ClusterError as err:
+            raise PoolError(str(err)) from None
+        actor = self.ray.remote(**_resources(self.ray, workers))(_Engine)
+        self.engines = [actor.remote(str(checkpoint), sampler, model_length, seed) for _ in range(workers)]
+        self.places = self.ray.get([e.where.remote() for e in self.engines])  # waits until every engine is up
+        self.version = "start"
+        self.broadcast_seconds: list[float] = []
+
+    def rollouts(self, prompts: Sequence[Sequence[int]], group: int, seed: int) -> list:
+        parts = _split(len(prompts), len(self.engines))
+        refs = [engine.rollouts.remote([list(p) for p in prompts[part.start : part.stop]], group,
+                                       seed + part.start * group)
+                for engine, part in zip(self.engines, parts)]
+        return [groups for part in self.ray.get(refs) for groups in part]
+
+    def update(self, model, version: str) -> None:
+        state = self.ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        loads = self.ray.get([engine.load.remote(state, version) for engine in self.engines])
+        self.broadcast_seconds.append(max(loads))
+        self.version = version
+
+    def close(self) -> None:
+        for engine in self.engines:
+            self.ray.kill(engine)
+        self.engines = []
+        self.ray.shutdown()
