@@ -69,7 +69,12 @@ class RolloutPool:
             self.ray = connect(address, None)
         except ClusterError as err:
             raise PoolError(str(err)) from None
-        actor = self.ray.remote(**_resources(self.ray, workers))(_Engine)
+        try:
+            resources = _resources(self.ray, workers)
+        except PoolError:
+            self.ray.shutdown()
+            raise
+        actor = self.ray.remote(**resources)(_Engine)
         self.engines = [actor.remote(str(checkpoint), sampler, model_length, seed) for _ in range(workers)]
         self.places = self.ray.get([e.where.remote() for e in self.engines])  # waits until every engine is up
         self.version = "start"
