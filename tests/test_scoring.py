@@ -1,6 +1,7 @@
 import torch
 
-from bd3_plugin.likelihood.scoring import document_windows, report, score_documents, windows
+from bd3_plugin.likelihood import scoring
+from bd3_plugin.likelihood.scoring import document_windows, padded_length, report, score_documents, windows
 from helpers import ar_logprobs, random_model, tiny_config
 
 
@@ -26,15 +27,24 @@ def test_block_size_one_scores_long_documents_exactly():
     assert abs(total - expect) < 1e-3 * abs(expect)
 
 
-def test_scores_do_not_depend_on_batching_or_neighbours():
+def test_scores_do_not_depend_on_batching_or_neighbours(monkeypatch):
+    """Bit for bit: each window is computed at a length set by itself alone (`padded_length`). Negative
+    control: computed at another length, the same window's score moves (the kernels' summation order)."""
     model = random_model()
     gen = torch.Generator().manual_seed(1)
-    docs = [torch.randint(0, 20, (n,), generator=gen).tolist() for n in (5, 40, 17, 3, 70)]
+    docs = [torch.randint(0, 20, (n,), generator=gen).tolist() for n in (5, 40, 17, 3, 70, 33, 60)]
     all_at_once = score_documents(model, docs, bos_id=21, mc_samples=3, seed=9, batch_size=16)
     one_by_one = torch.cat([score_documents(model, [d], bos_id=21, mc_samples=3, seed=9, batch_size=1) for d in docs])
     reversed_ = score_documents(model, docs[::-1], bos_id=21, mc_samples=3, seed=9, batch_size=2).flip(0)
-    assert torch.allclose(all_at_once, one_by_one, rtol=1e-5) and torch.allclose(all_at_once, reversed_, rtol=1e-5)
+    assert torch.equal(all_at_once, one_by_one) and torch.equal(all_at_once, reversed_)
     assert (all_at_once[:, 0] != all_at_once[:, 1]).all()  # the samples differ
+    monkeypatch.setattr(scoring, "padded_length", lambda n, max_length: max_length)
+    longest = score_documents(model, docs, bos_id=21, mc_samples=3, seed=9, batch_size=16)
+    assert torch.allclose(longest, all_at_once, rtol=1e-5) and not torch.equal(longest, all_at_once)
+
+
+def test_padded_length_is_a_power_of_two_capped_by_the_model():
+    assert [padded_length(n, 96) for n in (1, 2, 3, 5, 16, 17, 64, 65, 96)] == [1, 2, 4, 8, 16, 32, 64, 96, 96]
 
 
 def test_report_pools_documents():

@@ -110,7 +110,7 @@ def score_windows(model: BD3LM, wins: list[Window], *, mc_samples: int | None = 
     eps_min, eps_max = eval_interval(model.config.block_size)
     seeds = [window_seed(seed, w) for w in wins] if seeds is None else seeds
     totals = torch.zeros(len(wins), columns(est), dtype=torch.float64)
-    for idx, (x, valid, eligible) in _batches(wins, batch_size, model.device, progress, "nelbo"):
+    for idx, (x, valid, eligible) in _batches(wins, batch_size, model, progress, "nelbo"):
         gens = seeded_generators([seeds[i] for i in idx])
         terms = nelbo_estimates(model, x, gens, est, eligible=eligible, valid=valid, eps_min=eps_min,
                                 eps_max=eps_max)  # (b, K, n)
@@ -124,7 +124,7 @@ def greedy_windows(model: BD3LM, wins: list[Window], *, batch_size: int = 8) -> 
     block seeing the clean blocks before it. With L' = 1 this is exactly greedy AR decoding."""
     out = [False] * len(wins)
     mask_id = model.config.mask_id
-    for idx, (x, valid, eligible) in _batches(wins, batch_size, model.device, False, ""):
+    for idx, (x, valid, eligible) in _batches(wins, batch_size, model, False, ""):
         x_t = torch.where(eligible, torch.full_like(x, mask_id), x)
         logits = subs_logits(model.forward_train(x_t, x, valid), mask_id, torch.float32)
         hit = (logits.argmax(-1) == x) | ~eligible
@@ -133,17 +133,39 @@ def greedy_windows(model: BD3LM, wins: list[Window], *, batch_size: int = 8) -> 
     return out
 
 
-def _batches(wins: list[Window], batch_size: int, device, progress: bool, desc: str):
-    """Windows in batches of similar length (longest first): (indices, ids, valid, eligible) each."""
-    order = sorted(range(len(wins)), key=lambda i: -len(wins[i].ids))
-    starts = range(0, len(order), batch_size)
+def padded_length(n: int, max_length: int) -> int:
+    """The length a window of n tokens is computed at: the next power of two, at most max_length.
+
+    A row's float32 result depends on the shape of the tensors it is computed in (the matmul and attention
+    kernels sum in an order set by the sequence length), so padding each window to the batch's longest
+    moved a score by ~1e-6 with the other windows of its batch. A length set by the window alone makes its
+    score the same in any batch, of any size, at most twice the work of no padding."""
+    return min(1 << (n - 1).bit_length(), max_length)
+
+
+def _groups(wins: list[Window], batch_size: int, max_length: int) -> list[list[int]]:
+    """Window indices in batches of one padded length, longest first."""
+    padded = [padded_length(len(w.ids), max_length) for w in wins]
+    order = sorted(range(len(wins)), key=lambda i: (-padded[i], -len(wins[i].ids)))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and padded[groups[-1][0]] == padded[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _batches(wins: list[Window], batch_size: int, model: BD3LM, progress: bool, desc: str):
+    """Windows in batches of one padded length (`padded_length`): (indices, ids, valid, eligible) each."""
+    max_length = model.config.model_length
+    groups = _groups(wins, batch_size, max_length)
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc=desc, unit="batch")
-    for start in starts:
-        idx = order[start : start + batch_size]
-        n = len(wins[idx[0]].ids)
+        groups = tqdm(groups, desc=desc, unit="batch")
+    for idx in groups:
+        n = padded_length(len(wins[idx[0]].ids), max_length)
         x = torch.zeros(len(idx), n, dtype=torch.long)
         valid = torch.zeros(len(idx), n, dtype=torch.bool)
         eligible = torch.zeros_like(valid)
@@ -152,7 +174,7 @@ def _batches(wins: list[Window], batch_size: int, device, progress: bool, desc: 
             x[r, : len(w.ids)] = torch.tensor(w.ids)
             valid[r, : len(w.ids)] = True
             eligible[r, w.first : len(w.ids)] = True
-        yield idx, (x.to(device), valid.to(device), eligible.to(device))
+        yield idx, (x.to(model.device), valid.to(model.device), eligible.to(model.device))
 
 
 def score_documents(model: BD3LM, docs: list[list[int]], *, bos_id: int | None, mc_samples: int | None = None,
