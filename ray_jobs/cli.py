@@ -2,9 +2,10 @@
 
     bd3-sweep --checkpoints 'bd3_plugin/checkpoints/*' --tasks synthetic_ppl synthetic_mc --out runs/sweep
 
-Each `--tasks` value is one task group (comma-separated tasks run together in one unit). Results go to
-OUT/units/<unit>/result.json; a rerun skips finished units and redoes failed ones; the merged table is
-OUT/results.csv and OUT/results.md, the plot OUT/plot.png.
+Each `--tasks` value is one task group (comma-separated tasks run together in one unit); `--shards N` splits
+each unit's documents into N units whose per-document results are merged into the task's metrics. Results go
+to OUT/units/<unit>/result.json; a rerun skips finished units (and shards) and redoes failed ones; the merged
+table is OUT/results.csv and OUT/results.md, the plot OUT/plot.png.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ray_jobs.inputs import InputError, check_inputs
-from ray_jobs.plan import expand_checkpoints, plan
+from ray_jobs.plan import expand_checkpoints, plan, status
 
 
 def task_groups(values: list[str]) -> list[list[str]]:
@@ -27,6 +28,15 @@ def task_groups(values: list[str]) -> list[list[str]]:
             group += sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else [item]
         groups.append(group)
     return groups
+
+
+def shards_arg(value: str) -> int | str:
+    """A positive number of shards, or auto (one per worker of the cluster)."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {value!r}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapter's estimator, auto with 16 passes)")
     p.add_argument("--limit", type=int, default=None, help="documents per task, for quick runs (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size of a unit")
+    p.add_argument("--shards", type=shards_arg, default=1,
+                   help="split each (checkpoint, task group) by document into this many units, merged exactly; "
+                        "auto: one per GPU of the cluster, else one per CPU")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a unit whose worker died")
     p.add_argument("--json", action="store_true", help="print the merged table as JSON")
     return p
@@ -62,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ray_jobs.collect import markdown, plot, rows, write_table
     from ray_jobs.cluster import ClusterError
-    from ray_jobs.launcher import run_sweep
+    from ray_jobs.launcher import auto_shards, run_sweep
 
     groups = task_groups(args.tasks)
     try:  # before any cluster starts or is joined
@@ -70,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"bd3-sweep: error: {err}", file=sys.stderr)
         return 2
-    units = plan(args.checkpoints, groups, model_args=args.model_args, limit=args.limit, batch_size=args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
+        shards = auto_shards(args.address, args.num_cpus, args.gpus_per_unit) if args.shards == "auto" else args.shards
+        units = plan(args.checkpoints, groups, model_args=args.model_args, limit=args.limit,
+                     batch_size=args.batch_size, shards=shards)
         counts = run_sweep(units, args.out, address=args.address, gpus_per_unit=args.gpus_per_unit,
                            num_cpus=args.num_cpus, max_retries=args.max_retries)
     except ClusterError as err:
@@ -85,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     csv_path, md_path = write_table(table, args.out)
     png = plot(table, args.out)
     print(json.dumps(table, indent=2) if args.json else markdown(table))
-    failed = [u.key for u in units if any(r["status"] != "ok" for r in rows([u], args.out))]
-    print(f"\n{len(units)} units ({counts['ran']} run now, {len(failed)} failed); table: {csv_path}, {md_path}"
+    failed = [u.key for u in units if status(u, args.out) != "done"]
+    merged = "" if shards == 1 else f" ({len(units) // shards} × {shards} shards)"
+    print(f"\n{len(units)} units{merged} ({counts['ran']} run now, {len(failed)} failed); table: {csv_path}, {md_path}"
           + (f"; plot: {png}" if png else ""), file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or any(r["status"] != "ok" for r in table) else 0
 
 
 if __name__ == "__main__":

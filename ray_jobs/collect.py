@@ -1,4 +1,5 @@
-"""Merge the units' results into one table (CSV and Markdown) and one plot (PNG)."""
+"""Merge the units' results into one table (CSV and Markdown) and one plot (PNG); the shards of a unit are
+merged into its metrics first (merge.py)."""
 from __future__ import annotations
 
 import csv
@@ -6,9 +7,10 @@ import json
 import math
 from pathlib import Path
 
+from ray_jobs.merge import MergeError, merge
 from ray_jobs.plan import Unit
 
-COLUMNS = ("checkpoint", "block_size", "task", "metric", "value", "stderr", "estimator", "status")
+COLUMNS = ("checkpoint", "block_size", "task", "metric", "value", "stderr", "shards", "estimator", "status")
 # The metric each task is plotted by, and the reference line drawn beside it.
 PLOT_METRICS = {"word_perplexity": "true_word_perplexity"}
 
@@ -25,19 +27,41 @@ def _estimator(model_args: str) -> str:
         return "invalid"
 
 
-def rows(units: list[Unit], out: Path) -> list[dict]:
-    table = []
-    for unit in units:
-        path = unit.result_path(out)
-        record = json.loads(path.read_text()) if path.is_file() else {"status": "missing"}
-        base = {"checkpoint": Path(unit.checkpoint).name or unit.checkpoint, "block_size": record.get("block_size"),
-                "estimator": _estimator(unit.model_args)}
+def _read(unit: Unit, out: Path) -> dict:
+    path = unit.result_path(out)
+    return json.loads(path.read_text()) if path.is_file() else {"status": "missing"}
+
+
+def _metrics(shards: list[Unit], out: Path) -> tuple[dict, list[dict] | str]:
+    """(one shard's record, the unit's metric rows) or (that record, the error) for the shards of one unit."""
+    records = [_read(u, out) for u in shards]
+    for unit, record in zip(shards, records):
         if record.get("status") != "ok":
-            error = record.get("error", record["status"])
-            table += [base | {"task": t, "metric": "error", "value": error, "stderr": None, "status": "failed"}
-                      for t in unit.tasks]
+            where = f"shard {unit.shard + 1}/{unit.shards}: " if unit.shards > 1 else ""
+            return record, where + record.get("error", record["status"])
+    if len(records) == 1 and "metrics" in records[0]:
+        return records[0], [m | {"shards": 1} for m in records[0]["metrics"]]
+    try:
+        return records[0], merge(records)
+    except MergeError as err:
+        return records[0], f"MergeError: {err}"
+
+
+def rows(units: list[Unit], out: Path) -> list[dict]:
+    """One row per metric of each (checkpoint, task group), its shards merged."""
+    groups: dict[Unit, list[Unit]] = {}
+    for unit in units:
+        groups.setdefault(unit.whole, []).append(unit)
+    table = []
+    for whole, shards in groups.items():
+        record, metrics = _metrics(shards, out)
+        base = {"checkpoint": Path(whole.checkpoint).name or whole.checkpoint, "block_size": record.get("block_size"),
+                "estimator": _estimator(whole.model_args), "shards": len(shards)}
+        if isinstance(metrics, str):
+            table += [base | {"task": t, "metric": "error", "value": metrics, "stderr": None, "status": "failed"}
+                      for t in whole.tasks]
             continue
-        table += [base | m | {"status": "ok"} for m in record["metrics"]]
+        table += [base | m | {"status": "ok"} for m in metrics]
     # Block size first: the table reads as the interpolation from AR (L' = 1) to diffusion.
     return sorted(table, key=lambda r: (r["block_size"] is None, r["block_size"] or 0, r["checkpoint"], r["task"]))
 

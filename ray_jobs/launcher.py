@@ -11,6 +11,16 @@ from ray_jobs.plan import Unit, status
 from ray_jobs.unit import run_unit, write_atomic
 
 
+def auto_shards(address: str | None, num_cpus: int | None, gpus_per_unit: float | None) -> int:
+    """One shard per unit the cluster can run at once: its GPUs over the GPUs of a unit when units take
+    GPUs, else its CPUs (a CPU unit takes one)."""
+    resources = connect(address, num_cpus).cluster_resources()
+    gpus = resources.get("GPU", 0)
+    per_unit = gpus_per_unit if gpus_per_unit is not None else (1 if gpus else 0)
+    workers = gpus // per_unit if per_unit else resources.get("CPU", 1)
+    return max(1, int(workers))
+
+
 def _remote_unit(unit: Unit, out: str, device: str) -> dict:
     import os
 

@@ -34,6 +34,7 @@ def test_import_contracts_hold():
     ("bd3_plugin/likelihood/noise.py", "import vllm_backend.server.fields", "outside cli imports vllm_backend"),
     ("bd3_plugin/evals/genppl.py", "import ray", "only ray_jobs imports ray"),
     ("ray_jobs/plan.py", "import vllm", "only vllm_backend imports vllm"),
+    ("ray_jobs/merge.py", "import ray_jobs.collect", "ray_jobs is layered"),
 ])
 def test_a_wrong_import_is_caught(tmp_path, module, line, contract):
     """Negative control: the same check on a copy of the packages with one wrong import breaks the contract."""

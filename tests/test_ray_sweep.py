@@ -19,7 +19,7 @@ from bd3_plugin.tinyworld.data import checkpoint_path
 from early import ONE_RAY, early_fixture
 from ray_jobs import cluster, launcher
 from ray_jobs.cli import main
-from ray_jobs.plan import Unit, plan, status
+from ray_jobs.plan import Unit, plan, split, status
 from ray_jobs.unit import run_unit
 
 SWEEP = str(Path(sys.executable).with_name("bd3-sweep"))
@@ -161,6 +161,90 @@ def test_a_failing_unit_is_recorded_and_the_others_run_on_a_new_local_instance(b
     rows = table(out)
     assert rows[("no-weights", "synthetic_ppl", "error")]["value"].startswith("CheckpointError: no model.safetensors")
     assert rows[("tiny-bd3-L4", "synthetic_ppl", "word_perplexity")]["status"] == "ok"
+
+
+# One unit of three tasks, one per kind of metric: summed log-likelihoods over counts, accuracies, and the
+# zero-shot protocol's rows (corpora of 20 documents); four documents of each.
+SHARDED = Unit(CKPTS[1], ("synthetic_ppl", "synthetic_mc", "synthetic_ppl_rows_batched"), "mc_samples=2", limit=4)
+
+
+@early_fixture
+def sharded_sweep(folder):
+    """`bd3-sweep` of SHARDED in two shards."""
+    out = folder / "sweep"
+    argv = ["--tasks", ",".join(SHARDED.tasks), "--limit", str(SHARDED.limit), "--shards", "2"]
+    with ONE_SWEEP:
+        return out, sweep(out, *argv, checkpoints=[SHARDED.checkpoint])
+
+
+@pytest.mark.cluster
+@pytest.mark.cli
+def test_sharded_table_equals_the_unsharded_run(sharded_sweep, tmp_path):
+    out, r = sharded_sweep
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 units (1 × 2 shards) (2 run now, 0 failed)" in r.stderr
+    whole = run_unit(SHARDED, tmp_path)  # lm-eval's own metrics of the whole tasks, no Ray
+    assert whole["status"] == "ok", whole.get("traceback")
+    merged = {(r["task"], r["metric"]): r for r in table(out).values()}
+    assert len(merged) == len(whole["metrics"]) == 7
+    for m in whole["metrics"]:
+        row = merged[(m["task"], m["metric"])]
+        assert float(row["value"]) == pytest.approx(m["value"], rel=1e-9, abs=0), m
+        assert (row["stderr"] or None) == (None if m["stderr"] is None else str(m["stderr"])), m
+        assert row["shards"] == "2" and row["status"] == "ok"
+    assert any(m["stderr"] for m in whole["metrics"])  # a stderr other than N/A or 0 is compared too
+
+
+@pytest.mark.cluster
+@pytest.mark.cli
+def test_a_document_scores_the_same_in_any_shard(sharded_sweep, tmp_path):
+    """Document 1 shares a shard with document 0 in the sweep's split in two, and is alone in a split in three."""
+    out, r = sharded_sweep
+    assert r.returncode == 0, r.stderr[-3000:]
+    in_two = json.loads(split(SHARDED, 2)[0].result_path(out).read_text())
+    alone = run_unit(split(SHARDED, 3)[1], tmp_path)
+    assert alone["status"] == "ok", alone.get("traceback")
+    for task, record in alone["tasks"].items():
+        (doc,) = record["docs"]
+        assert doc["doc_id"] == 1
+        assert doc == next(d for d in in_two["tasks"][task]["docs"] if d["doc_id"] == 1), task
+
+
+class Done:
+    """The object reference of a unit that has already run (hashable, as Ray's are)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def synchronous_ray(calls: list):
+    """A stand-in for Ray that runs each submitted unit at once in this process, recording its unit."""
+    def remote(**options):
+        def wrap(fn):
+            return types.SimpleNamespace(remote=lambda unit, *args: calls.append(unit) or Done(fn(unit, *args)))
+        return wrap
+    return types.SimpleNamespace(init=lambda **kw: None, cluster_resources=lambda: {"CPU": 2.0}, remote=remote,
+                                 wait=lambda refs, num_returns: (refs[:1], refs[1:]), get=lambda ref: ref.value)
+
+
+@pytest.mark.cluster
+@pytest.mark.cli
+def test_a_sharded_sweep_resumes_per_shard(sharded_sweep, tmp_path, monkeypatch):
+    """The sweep's result folder with the second shard's result deleted: only that shard runs again."""
+    out, r = sharded_sweep
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = tmp_path / "sweep"
+    shutil.copytree(out, resumed)
+    shards = split(SHARDED, 2)
+    written = json.loads(shards[1].result_path(resumed).read_text())
+    kept = shards[0].result_path(resumed).stat().st_mtime_ns
+    shards[1].result_path(resumed).unlink()
+    calls = []
+    monkeypatch.setitem(sys.modules, "ray", synchronous_ray(calls))
+    assert launcher.run_sweep(shards, resumed, progress=False) == {"done": 2, "failed": 0, "ran": 1}
+    assert calls == [shards[1]] and shards[0].result_path(resumed).stat().st_mtime_ns == kept
+    assert json.loads(shards[1].result_path(resumed).read_text())["tasks"] == written["tasks"]
+    assert attempts(resumed, shards[0]) == 1 and attempts(resumed, shards[1]) == 2
 
 
 def one_line_error(capsys, argv) -> str:

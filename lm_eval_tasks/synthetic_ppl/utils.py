@@ -27,14 +27,18 @@ def process_results(doc, results):
             "bits_per_byte": (loglikelihood, len(doc_to_target(doc).encode()))} | _token_perplexity(loglikelihood)
 
 
-def load_corpus(n_docs=None, **kwargs):
+def load_corpus(n_docs=None, corpus_docs=None, **kwargs):
     """The held-out set as one corpus for the paper's row protocol: every document with its `<eos>`, in
     order (the end of a document is a token of this language, so the stream keeps it). `--metadata
-    '{"n_docs": N}'` keeps the first N documents."""
+    '{"n_docs": N}'` keeps the first N documents. `corpus_docs=K` cuts them into corpora of K documents
+    each, every one its own stream with its own dropped remainder, as the reference wraps per batch of
+    documents (`datasets.map(batched=True)`): a task of many documents, which a sharded sweep can split."""
     docs = read_heldout()[: None if n_docs is None else int(n_docs)]
-    records = [doc_to_target({"text": d.text}) for d in docs]
+    size = len(docs) if corpus_docs is None else int(corpus_docs)
+    corpora = [docs[i : i + size] for i in range(0, len(docs), size)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(
-        [{"records": records, "tokens": sum(d.tokens for d in docs)}])})
+        [{"records": [doc_to_target({"text": d.text}) for d in c], "tokens": sum(d.tokens for d in c)}
+         for c in corpora])})
 
 
 def corpus_text(doc):
