@@ -116,3 +116,16 @@ def run_lm_eval(*args, cwd, timeout: float = 900):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([str(Path(sys.executable).with_name("lm_eval")), *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def greedy_generation(ckpt, prompt: str, max_new_tokens: int, algorithm: str = "first_hitting"):
+    """The core's generation at temperature 0 after the text prompt (a `Generation`: tokens, finish reason):
+    what a server must answer. Its text as a server returns it is " " + ckpt.decode(tokens) (the completion is
+    decoded as a continuation of the prompt)."""
+    from bd3_plugin.core.generators import seeded_generators
+    from bd3_plugin.sampling.config import SamplerConfig
+    from bd3_plugin.sampling.generate import generate
+
+    config = SamplerConfig(algorithm=algorithm, temperature=0.0, max_new_tokens=max_new_tokens)
+    out = generate(ckpt.model, [ckpt.encode(prompt)], config, seeded_generators([0]), eos_id=ckpt.eos_id)
+    return out.generations[0]

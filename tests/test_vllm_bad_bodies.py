@@ -118,3 +118,60 @@ def test_the_server_answers_every_malformed_body_on_a_kept_alive_connection(bd3_
     conn.request("POST", "/v1/completions", body=json.dumps(good), headers=headers)
     answer = conn.getresponse()
     assert answer.status == 200 and json.loads(answer.read())["choices"][0]["text"]
+
+
+def _render_without_template(checkpoint):
+    """A chat route that renders the messages as vLLM's renderer does (`safe_apply_chat_template`), with the
+    checkpoint's tokenizer and no template from the server: vLLM's own error for a missing template."""
+    from transformers import AutoTokenizer
+    from vllm.renderers.hf import safe_apply_chat_template
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model_config = SimpleNamespace(tokenizer=checkpoint, model=checkpoint, tokenizer_revision=None,
+                                   code_revision=None, trust_remote_code=False,
+                                   hf_config=SimpleNamespace(model_type="bd3lm"))
+
+    async def create_chat_completion(request, raw_request):
+        safe_apply_chat_template(model_config, tokenizer, [dict(m) for m in request.messages])
+
+    return create_chat_completion
+
+
+@pytest.fixture
+def chat_state(client):
+    """The app's state for a chat body that passes the middleware's checks and reaches vLLM's chat route,
+    whose handler (`openai_serving_chat`) the test sets; put back afterwards."""
+    from bd3_plugin.core.checkpoint import read_config
+    from bd3_plugin.tinyworld.data import checkpoint_path
+
+    cfg = read_config(checkpoint_path(4))
+    hf = SimpleNamespace(model_type="bd3lm", block_size=cfg.block_size, vocab_size=cfg.vocab_size)
+    state = client.app.state
+    before = state.vllm_config
+    state.vllm_config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, max_model_len=cfg.model_length,
+                                                                     get_diff_sampling_param=dict))
+    yield state
+    state.vllm_config = before
+    del state.openai_serving_chat
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_without_a_chat_template_is_a_400_that_says_how_to_give_one(client, chat_state, stream):
+    from bd3_plugin.tinyworld.data import checkpoint_path
+    from vllm_backend.server.chat_template import HOW_TO_GIVE_ONE
+
+    ckpt = str(checkpoint_path(4))
+    chat_state.openai_serving_chat = SimpleNamespace(create_chat_completion=_render_without_template(ckpt))
+    r = client.post("/v1/chat/completions", json=CHAT | {"model": ckpt, "stream": stream}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"] == {"message": HOW_TO_GIVE_ONE, "type": "BadRequestError",
+                                                          "param": None, "code": 400}
+    assert "bd3 serve CKPT -- --chat-template FILE" in HOW_TO_GIVE_ONE
+    assert "vllm serve CKPT --chat-template FILE" in HOW_TO_GIVE_ONE
+
+    # Negative control: any other 400 from the route passes through as vLLM wrote it.
+    async def other_error(request, raw_request):
+        raise ValueError("some other problem with the messages")
+
+    chat_state.openai_serving_chat.create_chat_completion = other_error
+    r = client.post("/v1/chat/completions", json=CHAT | {"model": ckpt, "stream": stream}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "some other problem with the messages"

@@ -10,11 +10,9 @@ import pytest
 import requests
 
 from bd3_plugin.core.checkpoint import load_checkpoint
-from bd3_plugin.sampling.config import SamplerConfig
-from bd3_plugin.sampling.generate import generate
-from bd3_plugin.core.generators import seeded_generators
 from bd3_plugin.tinyworld.data import checkpoint_path
 from early import early_fixture
+from helpers import greedy_generation
 from servers import launch, stop, wait_healthy
 
 pytestmark = pytest.mark.server
@@ -48,8 +46,7 @@ def test_completion_matches_the_core_and_counts_usage(server):
     ckpt = load_checkpoint(checkpoint_path(4))
     prompt = "<eos> the old cow"
     r = complete(client, model, prompt, max_tokens=30, seed=7, xargs={"algorithm": "threshold"})
-    core = generate(ckpt.model, [ckpt.encode(prompt)], SamplerConfig(algorithm="threshold", temperature=0.0,
-                    max_new_tokens=30), seeded_generators([7]), eos_id=ckpt.eos_id).generations[0]
+    core = greedy_generation(ckpt, prompt, 30, "threshold")
     choice = r.choices[0]
     assert choice.text == " " + ckpt.decode(core.tokens)
     assert choice.finish_reason == ("stop" if core.finish_reason == "eos" else "length")
@@ -210,9 +207,7 @@ def test_temperature_zero_is_greedy_without_a_seed(server, algorithm):
         together = [t for t in pool.map(one, range(8)) if isinstance(t, str)]
     assert alone == [alone[0]] * 2 and together == [alone[0]] * 6
     ckpt = load_checkpoint(checkpoint_path(4))
-    core = generate(ckpt.model, [ckpt.encode(prompt)], SamplerConfig(algorithm=algorithm, temperature=0.0,
-                    max_new_tokens=24), seeded_generators([0]), eos_id=ckpt.eos_id).generations[0]
-    assert alone[0] == " " + ckpt.decode(core.tokens)
+    assert alone[0] == " " + ckpt.decode(greedy_generation(ckpt, prompt, 24, algorithm).tokens)
 
 
 @early_fixture(order=1)
@@ -237,6 +232,4 @@ def test_plain_vllm_serve_decodes_blocks_too(plain_vllm_serve):
     finally:
         stop(proc, log)
     ckpt = load_checkpoint(checkpoint_path(16))
-    core = generate(ckpt.model, [ckpt.encode("<eos> the old cow")], SamplerConfig(temperature=0.0, max_new_tokens=20),
-                    seeded_generators([4]), eos_id=ckpt.eos_id).generations[0]
-    assert r.choices[0].text == " " + ckpt.decode(core.tokens)
+    assert r.choices[0].text == " " + ckpt.decode(greedy_generation(ckpt, "<eos> the old cow", 20).tokens)

@@ -9,7 +9,8 @@
   those lazily, after the 200 has been sent), and refuses body fields that never reach SamplingParams. A
   body that is not JSON, or that one of vLLM's own validators fails on with an exception other than a
   validation error (they assume the types they check: `"messages": null` raises TypeError), is a 400 here,
-  naming the field where one can be named; vLLM's validation errors get vLLM's own 400.
+  naming the field where one can be named; vLLM's validation errors get vLLM's own 400. A chat request to a
+  server without a chat template gets a 400 that says how to give one (`chat_template.explaining`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from vllm_backend.server import fields
+from vllm_backend.server.chat_template import explaining
 from vllm_backend.server.guard import authenticated, error_response, guarded, json_body
 from vllm_backend.registration import hf_config
 from vllm_backend.worker.params import RESUME_KEY, check_resume_block, sampler_config
@@ -73,6 +75,10 @@ _ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
 @guarded
 async def check_request(request, call_next):
+    return await _checked(request, explaining(call_next))
+
+
+async def _checked(request, call_next):
     route = _ROUTES.get(request.url.path)
     vllm_config = getattr(request.app.state, "vllm_config", None)
     if request.method != "POST" or route is None or vllm_config is None or not _is_bd3(vllm_config):
