@@ -5,7 +5,7 @@
 
 `memory`: the sampler step of one all-mask block batch at the released shape (V = 50,258, L' = 4), measured
 with `torch.cuda.max_memory_allocated` on CUDA (torch's CPU memory profiler on CPU), printed as measured /
-formula for c · n · V (vllm_backend/README.md, "Memory of a block step"). `parity`: the bundled tiny-bd3-L4
+formula c' · m · V + b · V (vllm_backend/README.md, "Memory of a block step"). `parity`: the bundled tiny-bd3-L4
 checkpoint in float32 on the device and on CPU, same CPU generators: max |logit difference| of one forward,
 of the NELBO, and whether generated tokens are equal; on CUDA with TF32 off (what the vLLM GPU worker sets for
 float32) and, for contrast, on. `--device cpu` runs either as a dry run of the script on CPU.
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-from sampler_memory import SETTINGS, bytes_per_entry, reads, step_peak
+from sampler_memory import SETTINGS, formula, reads, step_peak
 
 from bd3_plugin.core.checkpoint import load_checkpoint
 from bd3_plugin.core.generators import seeded_generators
@@ -32,18 +32,18 @@ RELEASED_VOCAB = 50258
 
 
 def memory(device: str, rows: int, block_size: int) -> bool:
-    print(f"rows {rows}, L' {block_size}, V {RELEASED_VOCAB}, device {device}; measured / formula (c · n · V)")
+    print(f"rows {rows}, L' {block_size}, V {RELEASED_VOCAB}, device {device}; measured / formula (c' · m · V + b · V)")
     ok = True
     for algorithm in ("first_hitting", "threshold"):
         for setting in SETTINGS:
             config = SamplerConfig(algorithm=algorithm, **setting)
             peak, read = step_peak(config, rows, block_size, RELEASED_VOCAB, device)
             assert read == reads(algorithm, setting["temperature"], rows, block_size)
-            formula = bytes_per_entry(**setting) * read * RELEASED_VOCAB
-            ratio = peak / formula
+            expected = formula(n=read, vocab=RELEASED_VOCAB, per_row=read // rows, **setting)
+            ratio = peak / expected
             ok &= abs(ratio - 1) <= 0.05
             print(f"{algorithm:14s} {str(setting):48s} n {read:3d}  measured {peak:>12,d} B  "
-                  f"formula {formula:>12,d} B  ratio {ratio:6.4f}")
+                  f"formula {expected:>12,d} B  ratio {ratio:6.4f}")
     return ok
 
 

@@ -1,7 +1,8 @@
 """Peak memory of one sampler step (`Sampler.read` then `Sampler.step` on logits already computed), measured
 on CPU with torch's memory profiler: the bytes the step allocates above what it started with, at their most.
 Deterministic (allocation sizes, not timings), so `tests/test_sampler_memory.py` checks the README's formula
-with it. Run: `python bench/sampler_memory.py` (prints bytes per slot read per vocabulary entry)."""
+with it. Run: `python bench/sampler_memory.py` (prints bytes per slot of the largest chunk per vocabulary
+entry; `--chunk-entries` sets the samplers' CHUNK_ENTRIES for the run)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bd3_plugin.sampling import SamplerConfig
+from bd3_plugin.sampling import samplers
 from bd3_plugin.sampling.registry import sampler_for
 
 
@@ -43,16 +45,37 @@ def cuda_peak_bytes(fn) -> int:
 
 
 def bytes_per_entry(temperature: float, top_k: int = 0, top_p: float = 1.0) -> int:
-    """The formula's c: float64 (n, V) tensors live at once at the step's peak (+ 1 byte per entry for a
-    top-k mask). Temperature 0: the SUBS logits and their softmax (filters are off when greedy). Above 0:
-    the probabilities, the uniforms, the exponential noise and p / noise while the tokens are drawn; top-k's
-    sort (values and int64 indices) and mask over the softmax (41); top-p's sort, cumulative sum and masks
-    (50)."""
+    """The formula's c': bytes per slot per vocabulary entry live at once at the peak of a chunk. Temperature
+    0, or above it with no filter: two float64 (m, V) tensors (the SUBS logits and their softmax; then the
+    probabilities and the uniforms, which become the noise in place). Top-k: its sort's values and int64
+    order beside the probabilities (24). Top-p, with or without top-k: the sort, its cumulative sum and a
+    bool mask beside the distribution it filters (33); top-k's output replaces the softmax before it."""
     if temperature == 0:
         return 16
     if top_p < 1.0:
-        return 50
-    return 41 if top_k else 32
+        return 33
+    return 24 if top_k else 16
+
+
+def row_buffer(temperature: float, top_k: int = 0, top_p: float = 1.0) -> int:
+    """Bytes per vocabulary entry the formula adds once per chunk: a sort's one-row float64 buffer, at the
+    peak only for top-k alone (top-p's cumulative sum outweighs it)."""
+    return 8 if temperature > 0 and top_k and top_p >= 1.0 else 0
+
+
+def chunk_slots(n: int, vocab: int, temperature: float, per_row: int) -> int:
+    """m, the slots of a step's largest chunk, when every row reads `per_row` of its n slots: at most
+    max(1, CHUNK_ENTRIES // V) slots, whole rows only above temperature 0 (a row's draw is never split)."""
+    limit = max(1, samplers.CHUNK_ENTRIES // vocab)
+    if temperature == 0 or per_row == 0:
+        return min(n, limit)
+    return min(n, max(per_row, limit // per_row * per_row))
+
+
+def formula(temperature: float, n: int, vocab: int, per_row: int, top_k: int = 0, top_p: float = 1.0) -> int:
+    """The README's peak of one sampler step: c' · m · V + b · V (m = `chunk_slots`, b = `row_buffer`)."""
+    m = chunk_slots(n, vocab, temperature, per_row)
+    return (bytes_per_entry(temperature, top_k, top_p) * m + row_buffer(temperature, top_k, top_p)) * vocab
 
 
 def reads(algorithm: str, temperature: float, rows: int, block_size: int) -> int:
@@ -93,14 +116,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=50258)
+    parser.add_argument("--chunk-entries", type=int, default=samplers.CHUNK_ENTRIES)
     args = parser.parse_args()
-    print(f"rows {args.rows}, L' {args.block_size}, V {args.vocab}; bytes per slot read per vocabulary entry")
+    samplers.CHUNK_ENTRIES = args.chunk_entries
+    print(f"rows {args.rows}, L' {args.block_size}, V {args.vocab}, CHUNK_ENTRIES {args.chunk_entries}; "
+          f"bytes per slot of the largest chunk (m) per vocabulary entry")
     for algorithm in ("first_hitting", "ddpm", "threshold"):
         for setting in SETTINGS:
             config = SamplerConfig(algorithm=algorithm, **setting)
             peak, read = step_peak(config, args.rows, args.block_size, args.vocab)
-            print(f"{algorithm:14s} {str(setting):48s} slots read {read:3d}  peak {peak:>12,d} B  "
-                  f"{peak / (read * args.vocab):7.3f}")
+            m = chunk_slots(read, args.vocab, config.temperature, read // args.rows)
+            print(f"{algorithm:14s} {str(setting):48s} slots read {read:3d}  m {m:3d}  peak {peak:>12,d} B  "
+                  f"{peak / (m * args.vocab):7.3f}  formula {formula(n=read, vocab=args.vocab, per_row=read // args.rows, **setting):>12,d} B")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The sampler's memory per step against the formula in vllm_backend/README.md ("Memory of a block step"):
-peak bytes = c · n · V, n the slots whose distribution the step computes, V the vocabulary, c by
-temperature and filters. Measured with torch's CPU memory profiler (allocation sizes, deterministic) at two
-sizes of n and V, so that a term in n·V with another coefficient, or one not linear in n·V, shows."""
+peak bytes = c' · m · V + b · V, m the slots of the step's largest chunk (at most CHUNK_ENTRIES // V of the
+n slots whose distribution the step computes), V the vocabulary, c' and b by temperature and filters.
+Measured with torch's CPU memory profiler (allocation sizes, deterministic) at two sizes of n and V, one
+whole in a chunk and one over several, so that a term with another coefficient, or one in n · V where the
+formula has m · V, shows."""
 from __future__ import annotations
 
 import re
@@ -14,32 +16,52 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
-from sampler_memory import SETTINGS, bytes_per_entry, peak_bytes, reads, step_peak  # noqa: E402
+from sampler_memory import (SETTINGS, bytes_per_entry, chunk_slots, formula, peak_bytes, reads,  # noqa: E402
+    row_buffer, step_peak)
 
-from bd3_plugin.sampling import SamplerConfig  # noqa: E402
+from bd3_plugin.sampling import SamplerConfig, samplers  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "vllm_backend" / "README.md"
 
-
-SIZES = [(2, 4, 1000), (4, 8, 3000)]  # (rows, L', V): n·V from 2,000 to 96,000
+# (rows, L', V, CHUNK_ENTRIES): n·V of 8,000 in one chunk; n of 160 slots (40 for first-hitting above 0) in
+# chunks of 32.
+SIZES = [(2, 4, 1000, samplers.CHUNK_ENTRIES), (40, 4, 1000, 32_000)]
+PER_SLOT = 96  # bytes per slot of the block that are not per vocabulary entry: masks, indices, tokens, confidences
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=str)
 @pytest.mark.parametrize("algorithm", ["first_hitting", "ddpm", "threshold"])
-def test_one_sampler_step_peaks_at_the_readme_formula(algorithm, setting):
-    c = bytes_per_entry(**setting)
-    for rows, block_size, vocab in SIZES:
+def test_one_sampler_step_peaks_at_the_readme_formula(monkeypatch, algorithm, setting):
+    for rows, block_size, vocab, entries in SIZES:
+        monkeypatch.setattr(samplers, "CHUNK_ENTRIES", entries)
         peak, read = step_peak(SamplerConfig(algorithm=algorithm, **setting), rows, block_size, vocab)
         assert read == reads(algorithm, setting["temperature"], rows, block_size)
-        # What is not per vocabulary entry (per-slot confidences, masks, tokens) stays under 64 B a slot.
-        assert abs(peak - c * read * vocab) < 64 * rows * block_size, (rows, block_size, vocab, peak / (read * vocab))
+        expected = formula(n=read, vocab=vocab, per_row=read // rows, **setting)
+        assert 0 <= peak - expected < PER_SLOT * rows * block_size, (rows, vocab, peak, expected)
+
+
+def test_chunks_hold_whole_rows_above_temperature_0(monkeypatch):
+    """A row's draw is one call on its generator: chunks end at row boundaries, packing rows while they fit
+    (a row longer than the limit alone); at temperature 0 any slot may end a chunk."""
+    vocab = 100
+    monkeypatch.setattr(samplers, "CHUNK_ENTRIES", 10 * vocab)  # 10 slots a chunk
+    counts = [5, 4, 2, 13, 0, 2]
+    chunks = samplers.proposal_chunks(counts, sum(counts), vocab)
+    assert [list(c.rows) for c in chunks] == [[0, 1], [2], [3], [4, 5]]
+    assert [(c.start, c.stop) for c in chunks] == [(0, 9), (9, 11), (11, 24), (24, 26)]
+    greedy = samplers.proposal_chunks(None, 21, vocab)
+    assert [(c.start, c.stop) for c in greedy] == [(0, 10), (10, 20), (20, 21)]
+    assert chunk_slots(100, vocab, 1.0, 3) == 9  # whole rows of 3
+    assert chunk_slots(100, vocab, 0.0, 3) == 10
 
 
 def test_the_measurement_sees_one_more_float64_copy():
     """Negative control: a step that also holds a float64 copy of its (n, V) logits measures 8 B more per
     entry, so a sampler change that adds one fails the test above."""
     config = SamplerConfig(algorithm="threshold", temperature=1.0)
-    rows, block_size, vocab = SIZES[0]
+    rows = SIZES[0][0]
+    block_size = SIZES[0][1]
+    vocab = SIZES[0][2]
     base, read = step_peak(config, rows, block_size, vocab)
     logits = torch.randn(rows, block_size, vocab)
 
@@ -55,20 +77,25 @@ def test_the_measurement_sees_one_more_float64_copy():
         gens = [torch.Generator().manual_seed(r) for r in range(rows)]
         sampler_for(config, vocab - 1).step(logits, masked, masked, gens, block_size - 1, 1 / block_size, 0.0)
 
-    assert abs(peak_bytes(step_peak_inside) - base) < 64 * rows * block_size
-    assert abs(peak_bytes(step_and_copy) - base - 8 * read * vocab) < 64 * rows * block_size
+    assert abs(peak_bytes(step_peak_inside) - base) < PER_SLOT * rows * block_size
+    assert abs(peak_bytes(step_and_copy) - base - 8 * read * vocab) < PER_SLOT * rows * block_size
 
 
 def test_the_readme_states_the_formula_the_test_checks():
     text = README.read_text()
     section = text[text.index("## Memory of a block step"):]
     section = section[: section.index("\n## ", 3)] if "\n## " in section[3:] else section
-    rows = dict(re.findall(r"^\| (temperature [^|]+?) \| (\d+) \|", section, flags=re.M))
-    assert rows == {"temperature 0 (any filter)": "16", "temperature > 0, no filter": "32",
-                    "temperature > 0, top-k": "41", "temperature > 0, top-p (with or without top-k)": "50"}
-    assert bytes_per_entry(0.0, 50, 0.9) == 16 and bytes_per_entry(1.0) == 32
-    assert bytes_per_entry(1.0, top_k=50) == 41 and bytes_per_entry(1.0, top_p=0.9) == 50
-    assert bytes_per_entry(1.0, top_k=50, top_p=0.9) == 50
+    rows = {name: (int(c), int(b)) for name, c, b in
+            re.findall(r"^\| (temperature [^|]+?) \| (\d+) \| (\d+) \|", section, flags=re.M)}
+    settings = {"temperature 0 (any filter)": dict(temperature=0.0, top_k=50, top_p=0.9),
+                "temperature > 0, no filter": dict(temperature=1.0),
+                "temperature > 0, top-k": dict(temperature=1.0, top_k=50),
+                "temperature > 0, top-p (with or without top-k)": dict(temperature=1.0, top_p=0.9)}
+    assert rows == {name: (bytes_per_entry(**s), row_buffer(**s)) for name, s in settings.items()}
+    assert bytes_per_entry(1.0, top_k=50, top_p=0.9) == bytes_per_entry(1.0, top_p=0.9)
+    assert row_buffer(1.0, top_k=50, top_p=0.9) == 0
+    stated = re.search(r"`CHUNK_ENTRIES` = 2\^(\d+)", section)
+    assert stated and 1 << int(stated.group(1)) == samplers.CHUNK_ENTRIES
 
 
 # ---- the reservation in vLLM's profiling pass ----------------------------------------------------------
@@ -79,13 +106,16 @@ class _VllmRunner:
         return "vllm's sampler output"
 
 
-@pytest.mark.parametrize("max_num_seqs, block_size, budget, rows", [
-    (2, 4, 8192, 2), (6, 4, 8192, 6), (2, 16, 8192, 2), (6, 16, 64, 4),  # the last: the token budget caps
+@pytest.mark.parametrize("max_num_seqs, block_size, budget, rows, entries", [
+    (2, 4, 8192, 2, None), (6, 4, 8192, 6, None), (2, 16, 8192, 2, None),
+    (6, 16, 64, 4, None),  # the token budget caps the blocks
+    (6, 16, 8192, 6, 32_000),  # the step's 96 slots in chunks of 32
 ])
-def test_the_profiling_pass_reserves_the_formulas_worst_block_step(max_num_seqs, block_size, budget, rows):
-    """The BD3 runner's `_dummy_sampler_run` peaks at (4 + 50) · rows · L' · V: the pass's float32 logits
-    and the largest c, for as many all-mask blocks as one step decodes (max_num_seqs, unless the token
-    budget holds fewer blocks of L')."""
+def test_the_profiling_pass_reserves_the_formulas_worst_block_step(monkeypatch, max_num_seqs, block_size, budget,
+                                                                   rows, entries):
+    """The BD3 runner's `_dummy_sampler_run` peaks at 4 · rows · L' · V (the pass's float32 logits) plus the
+    formula's step at the largest c' (top-p), for as many all-mask blocks as one step decodes (max_num_seqs,
+    unless the token budget holds fewer blocks of L')."""
     from types import SimpleNamespace
 
     from vllm_backend.worker.runner import BD3RunnerMixin
@@ -93,7 +123,10 @@ def test_the_profiling_pass_reserves_the_formulas_worst_block_step(max_num_seqs,
     class Runner(BD3RunnerMixin, _VllmRunner):
         pass
 
-    vocab, width = 1000, 16
+    if entries is not None:
+        monkeypatch.setattr(samplers, "CHUNK_ENTRIES", entries)
+    vocab = 1000
+    width = 16
     head = torch.nn.Linear(width, vocab, bias=False)
     runner = object.__new__(Runner)  # only the attributes the profiling hook reads
     runner.bd3 = SimpleNamespace(block_size=block_size, mask_id=vocab - 1)
@@ -109,7 +142,10 @@ def test_the_profiling_pass_reserves_the_formulas_worst_block_step(max_num_seqs,
         peak = peak_bytes(profile)
     assert out == ["vllm's sampler output"]
     slots = rows * block_size
-    assert abs(peak - (4 + bytes_per_entry(1.0, top_p=0.9)) * slots * vocab) < 64 * slots, peak / (slots * vocab)
+    worst = max(formula(n=slots, vocab=vocab, per_row=block_size, **setting) for setting in SETTINGS)
+    assert worst == formula(1.0, slots, vocab, block_size, top_p=0.9)  # the setting reserve.py runs
+    expected = 4 * slots * vocab + worst
+    assert 0 <= peak - expected < PER_SLOT * slots, (peak, expected)
 
 
 @pytest.mark.engine

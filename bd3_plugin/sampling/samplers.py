@@ -6,7 +6,9 @@ sampler whose positions do not depend on the logits (first-hitting at temperatur
 the pass (`first_hitting_choice`), so that the pass computes logits only where they are read. Each row
 draws only from its own generator and only while it still has masks, so a row's tokens never depend on
 what else is in the batch. Probabilities and Gumbel noise are float64 (the paper: fp32 noise lowers
-entropy). `registry.py` puts each sampler behind one interface.
+entropy). The (n, V) distributions of a step are computed a chunk of slots at a time (`CHUNK_ENTRIES`), so
+their float64 temporaries never cover all n slots at once. `registry.py` puts each sampler behind one
+interface.
 """
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ import torch
 from bd3_plugin.core.subs import subs_logits
 
 _TIE = 1e-6
+# Vocabulary entries whose distributions one chunk of a step computes at once: a chunk holds
+# max(1, CHUNK_ENTRIES // V) slots, so its float64 temporaries stay near c' · 4 Mi entries whatever n is
+# (vllm_backend/README.md, "Memory of a block step").
+CHUNK_ENTRIES = 1 << 22
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value
@@ -35,11 +41,12 @@ def nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     top_p is excluded, unlike Hugging Face's top-p), always at least the top one; renormalise."""
     if top_p >= 1.0:
         return probs
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    keep_sorted = sorted_p.cumsum(dim=-1) <= top_p
+    ranked = probs.sort(dim=-1, descending=True)
+    keep_sorted = ranked.values.cumsum(dim=-1) <= top_p
     keep_sorted[..., 0] = True
-    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    kept = probs * keep
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, ranked.indices, keep_sorted)
+    del ranked, keep_sorted  # the sort's (…, V) values and order are not needed past the mask
+    kept = probs.masked_fill(~keep, 0.0)  # probs · keep, without a float64 copy of the mask
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
@@ -52,9 +59,11 @@ def top_k_filter(probs: torch.Tensor, top_k: int | None) -> torch.Tensor:
     if top_k is None or top_k <= 0 or top_k >= probs.shape[-1]:
         return probs
     # A stable descending sort keeps equal probabilities in id order, so the first k win the ties.
-    order = probs.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]  # (…, k)
+    # (…, k), a copy: the sort's whole (…, V) order is freed at once
+    order = probs.sort(dim=-1, descending=True, stable=True).indices[..., :top_k].clone()
     keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, True)
-    kept = probs * keep
+    kept = probs.masked_fill(~keep, 0.0)  # probs · keep, without a float64 copy of the mask
+    del keep
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
@@ -68,37 +77,110 @@ def token_probs(logits: torch.Tensor, mask_id: int, temperature: float = 1.0, to
     either way, and the confidences that order the reveals stay the model's own.
     """
     logits = subs_logits(logits, mask_id, torch.float64)
+    if temperature != 0:
+        logits.div_(temperature)  # a copy of our own: the same arithmetic as logits / temperature
+    probs = torch.softmax(logits, dim=-1)
+    del logits  # not needed past the softmax: the filters below run without it
     if temperature == 0:
-        return torch.softmax(logits, dim=-1)
-    return nucleus_filter(top_k_filter(torch.softmax(logits / temperature, dim=-1), top_k), top_p)
+        return probs
+    probs = top_k_filter(probs, top_k)  # rebound, so that the softmax is freed before the nucleus sorts
+    return nucleus_filter(probs, top_p)
 
 
 def _row_draws(generators: list[torch.Generator], counts: list[int], width: int | None, device) -> torch.Tensor:
-    """Uniform float64 draws, `counts[r]` (× width) from row r's own generator, stacked in row order."""
+    """Uniform float64 draws, `counts[r]` (× width) from row r's own generator, stacked in row order. Each
+    row's draw is one `uniform_` on its own generator, as `torch.rand` of that shape makes it, written in
+    place (no copy of the whole) when the generator is on `device`."""
     shape = (lambda n: (n,)) if width is None else (lambda n: (n, width))
-    parts = [torch.rand(shape(n), generator=g, dtype=torch.float64, device=g.device)
-             for g, n in zip(generators, counts) if n]
-    if not parts:
-        return torch.zeros(shape(0), dtype=torch.float64, device=device)
-    return torch.cat(parts).to(device)
+    draws = torch.empty(shape(sum(counts)), dtype=torch.float64, device=device)
+    start = 0
+    for g, n in zip(generators, counts):
+        part = draws[start : start + n]
+        start += n
+        if not n:
+            continue
+        if g.device == part.device:
+            part.uniform_(generator=g)
+        else:
+            part.copy_(torch.rand(shape(n), generator=g, dtype=torch.float64, device=g.device))
+    return draws
 
 
 def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
     """One token per row of probs (n, V): argmax(p / E) with E = −log U ~ Exp(1) from float64 uniforms
-    (n, V), or argmax(p) when `uniforms` is None (greedy)."""
+    (n, V), or argmax(p) when `uniforms` is None (greedy). The uniforms are overwritten (they become the
+    noise, then p / E): the draw needs no other (n, V) tensor."""
     if uniforms is None:
         return probs.argmax(dim=-1)
-    noise = 1e-10 - torch.log(uniforms + 1e-10)
-    return (probs / noise).argmax(dim=-1)
+    noise = uniforms.add_(1e-10).log_().neg_().add_(1e-10)  # 1e-10 − log(U + 1e-10), exactly, in place
+    return torch.div(probs, noise, out=noise).argmax(dim=-1)
+
+
+@dataclass(frozen=True, eq=False)
+class Proposals:
+    """A token drawn at each slot a step reads and its probability under the sampler's distribution."""
+
+    tokens: torch.Tensor  # (n,) long, the slots in row-major order (or scattered to (B, L'), `_proposals`)
+    confidence: torch.Tensor  # (n,) float64, the same order: each token's probability
+    probs: torch.Tensor | None  # (n, V) float64 when kept (a recorder asked), else None
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    start: int  # the chunk's slots, [start, stop) in row-major order
+    stop: int
+    rows: range  # the rows whose draws it makes (all of them: a row's draw is never split)
+
+
+def proposal_chunks(counts: list[int] | None, n: int, vocab: int) -> list[_Chunk]:
+    """The chunks a step's n slots are computed in, each of at most max(1, CHUNK_ENTRIES // vocab) slots.
+    With `counts` (slots per row, above temperature 0) chunks end at row boundaries, consecutive rows packed
+    while they fit, a row with more slots alone: each row's uniforms are then one draw from its own
+    generator, the stream it gives unchunked (on CUDA a draw split in two continues elsewhere)."""
+    limit = max(1, CHUNK_ENTRIES // vocab)
+    if counts is None:  # greedy: nothing is drawn, any slot may end a chunk
+        return [_Chunk(a, min(a + limit, n), range(0)) for a in range(0, n, limit)]
+    chunks = []
+    first = 0
+    start = 0
+    stop = 0
+    for r, count in enumerate(counts):
+        if stop + count - start > limit and r > first:
+            chunks.append(_Chunk(start, stop, range(first, r)))
+            first = r
+            start = stop
+        stop += count
+    if first < len(counts) and stop > start:
+        chunks.append(_Chunk(start, stop, range(first, len(counts))))
+    return chunks
 
 
 def _propose(logits: torch.Tensor, where: torch.Tensor, generators: list[torch.Generator], mask_id: int,
-             temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens drawn at the (B, L') positions `where` (row-major order) and their probabilities (n, V)."""
-    probs = token_probs(logits[where], mask_id, temperature, top_p, top_k)  # (n, V)
+             temperature: float, top_p: float, top_k: int, keep_probs: bool) -> Proposals:
+    """Tokens drawn at the (B, L') positions `where` (row-major order), a chunk of slots at a time: the
+    float64 distributions, filters and draws exist for one chunk only (the tokens are those of the whole)."""
+    slots = where.flatten().nonzero().squeeze(1)  # (n,) flat indices of the slots read, row-major
+    table = logits.flatten(0, 1)  # (B·L', V), a view
+    n = slots.shape[0]
+    vocab = logits.shape[-1]
     greedy = temperature == 0
-    uniforms = None if greedy else _row_draws(generators, where.sum(1).tolist(), probs.shape[-1], probs.device)
-    return draw_tokens(probs, uniforms), probs
+    counts = None if greedy else where.sum(dim=1).tolist()  # on the host: each row draws from its own generator
+    tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+    confidence = torch.empty(n, dtype=torch.float64, device=logits.device)
+    probs = torch.empty(n, vocab, dtype=torch.float64, device=logits.device) if keep_probs else None
+    for chunk in proposal_chunks(counts, n, vocab):
+        part = slice(chunk.start, chunk.stop)
+        q = token_probs(table[slots[part]], mask_id, temperature, top_p, top_k)  # (m, V)
+        uniforms = None if greedy else _row_draws([generators[r] for r in chunk.rows],
+                                                  [counts[r] for r in chunk.rows], vocab, logits.device)
+        drawn = draw_tokens(q, uniforms)
+        del uniforms
+        tokens[part] = drawn
+        confidence[part] = q.gather(-1, drawn[:, None]).squeeze(-1)
+        if probs is not None:
+            probs[part] = q
+        del q
+    return Proposals(tokens, confidence, probs)
 
 
 def greedy_positions(confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -123,18 +205,19 @@ def greedy_positions(confidence: torch.Tensor, masked: torch.Tensor, count: torc
 
 
 def _proposals(logits: torch.Tensor, masked: torch.Tensor, generators: list[torch.Generator], mask_id: int,
-               temperature: float, top_p: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A token proposed at every masked position and its probability: tokens (B, L'), confidence (B, L')
-    float64 (−1 where not masked), and the distributions (n_masked, V). Draws only at temperature > 0."""
-    proposal, probs = _propose(logits, masked, generators, mask_id, temperature, top_p, top_k)
+               temperature: float, top_p: float, top_k: int, keep_probs: bool) -> Proposals:
+    """A token proposed at every masked position and its probability, scattered to (B, L'): tokens, and
+    confidence in float64 (−1 where not masked); the distributions (n_masked, V) when kept. Draws only at
+    temperature > 0."""
+    proposal = _propose(logits, masked, generators, mask_id, temperature, top_p, top_k, keep_probs)
     confidence = torch.full(masked.shape, -1.0, dtype=torch.float64, device=masked.device)
-    confidence[masked] = probs.gather(-1, proposal[:, None]).squeeze(-1)
+    confidence[masked] = proposal.confidence
     tokens = torch.zeros(masked.shape, dtype=torch.long, device=masked.device)
-    tokens[masked] = proposal
-    return tokens, confidence, probs
+    tokens[masked] = proposal.tokens
+    return Proposals(tokens, confidence, proposal.probs)
 
 
-def _result(reveal: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor, probs: torch.Tensor,
+def _result(reveal: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor, probs: torch.Tensor | None,
             with_probs: bool) -> StepResult:
     return StepResult(reveal, tokens, scored, probs) if with_probs else StepResult(reveal, tokens)
 
@@ -142,8 +225,9 @@ def _result(reveal: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor, pr
 def _greedy_step(logits: torch.Tensor, masked: torch.Tensor, count: torch.Tensor, mask_id: int, top_p: float,
                  top_k: int, with_probs: bool) -> StepResult:
     """Temperature 0: argmax tokens at the `count` most confident masked positions; no generator is used."""
-    tokens, confidence, probs = _proposals(logits, masked, [], mask_id, 0.0, top_p, top_k)
-    return _result(greedy_positions(confidence, masked, count), tokens, masked, probs, with_probs)
+    proposal = _proposals(logits, masked, [], mask_id, 0.0, top_p, top_k, with_probs)
+    reveal = greedy_positions(proposal.confidence, masked, count)
+    return _result(reveal, proposal.tokens, masked, proposal.probs, with_probs)
 
 
 def first_hitting_choice(masked: torch.Tensor, generators: list[torch.Generator], temperature: float
@@ -181,8 +265,9 @@ def first_hitting_step(logits: torch.Tensor, read: torch.Tensor, generators: lis
 
 def _reveal_with_draws(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs) -> StepResult:
     tokens = torch.zeros(reveal.shape, dtype=torch.long, device=reveal.device)
-    tokens[reveal], probs = _propose(logits, reveal, generators, mask_id, temperature, top_p, top_k)
-    return _result(reveal, tokens, reveal, probs, with_probs)
+    proposal = _propose(logits, reveal, generators, mask_id, temperature, top_p, top_k, with_probs)
+    tokens[reveal] = proposal.tokens
+    return _result(reveal, tokens, reveal, proposal.probs, with_probs)
 
 
 def ddpm_reveal_probability(t: float, s: float) -> float:
@@ -233,11 +318,11 @@ def threshold_step(logits: torch.Tensor, masked: torch.Tensor, generators: list[
     """Confidence-threshold parallel decoding: propose a token at every masked position and reveal those
     whose probability is ≥ threshold; when none is, reveal the single most confident one (the greedy
     position). At temperature 0 the proposals are the argmax tokens, so the step is deterministic."""
-    tokens, confidence, probs = _proposals(logits, masked, generators, mask_id, temperature, top_p, top_k)
-    reveal = masked & (confidence >= threshold)
+    proposal = _proposals(logits, masked, generators, mask_id, temperature, top_p, top_k, with_probs)
+    reveal = masked & (proposal.confidence >= threshold)
     stuck = masked.any(dim=1) & ~reveal.any(dim=1)
-    reveal |= greedy_positions(confidence, masked, stuck.long())
-    return _result(reveal, tokens, masked, probs, with_probs)
+    reveal |= greedy_positions(proposal.confidence, masked, stuck.long())
+    return _result(reveal, proposal.tokens, masked, proposal.probs, with_probs)
 
 
 def threshold_miss_log_prob(probs: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The worst block step, run inside vLLM's profiling pass so that the KV cache is sized with its memory
 reserved. vLLM sizes the KV cache from the peak of `profile_run` (`_dummy_run`, then `_dummy_sampler_run`);
-a block step's full-vocabulary float64 distributions are not in vLLM's own sampler run, so the runner adds
-one step over the most blocks a step can decode, at the setting that holds the most memory per slot
-(README, "Memory of a block step": (4 + 50) · slots · V bytes)."""
+a block step's full-vocabulary float32 logits and the sampler's float64 chunk are not in vLLM's own sampler
+run, so the runner adds one step over the most blocks a step can decode, at the setting that holds the most
+memory per slot (README, "Memory of a block step": 4 · slots · V + 33 · m · V bytes, m the slots of one
+chunk of the samplers' CHUNK_ENTRIES)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from bd3_plugin.sampling import SamplerConfig
 from bd3_plugin.sampling.registry import sampler_for
 
-# Every masked slot read (threshold), temperature > 0, top-p: c = 50, the largest in the README's table.
+# Every masked slot read (threshold), temperature > 0, top-p: c' = 33, the largest in the README's table.
 WORST = SamplerConfig(algorithm="threshold", temperature=1.0, top_p=0.9)
 
 
