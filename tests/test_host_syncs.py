@@ -105,6 +105,24 @@ def test_host_syncs_per_step_of_the_denoising_loop(syncs, monkeypatch, algorithm
     assert syncs.total() == len(steps) * PER_STEP[temperature] + 1, (len(steps), syncs.count)
 
 
+def test_the_runner_gathers_and_scatters_the_output_layer_with_one_sync(syncs):
+    """The runner's forward runs the output layer only on the slots read: one `nonzero` for its gather and
+    its scatter, and the same logits as indexing by the boolean mask (two syncs) gives."""
+    pytest.importorskip("vllm")
+    from vllm_backend.worker.runner import scatter_read_logits
+
+    layer = torch.nn.Linear(8, 11)
+    hidden = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1))
+    read = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    with torch.no_grad(), syncs:
+        logits = scatter_read_logits(layer, hidden, read)
+    assert syncs.total() == 1, syncs.count
+    with torch.no_grad():
+        expected = torch.zeros(3, 4, 11)
+        expected[read] = layer(hidden[read])
+    assert torch.equal(logits, expected)
+
+
 def test_the_readme_states_the_counts_the_test_checks():
     readme = (Path(__file__).resolve().parent.parent / "vllm_backend" / "README.md").read_text()
     section = readme.split("**Host syncs per denoising pass.**", 1)[1]

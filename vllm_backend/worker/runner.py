@@ -31,6 +31,19 @@ from vllm_backend.worker.reserve import block_step_rows, worst_block_step
 from vllm_backend.worker.resume import Resumes
 
 
+
+def scatter_read_logits(output_layer, hidden: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """`output_layer` on the slots where `read` (b, L') is True, zeros elsewhere: (b, L', V). The slots are
+    found once (`nonzero`, one host sync on CUDA) and used for the gather and the scatter, where indexing
+    by the boolean mask twice would find them twice."""
+    flat = hidden.flatten(0, 1)
+    slots = read.flatten().nonzero().squeeze(1)
+    chosen = output_layer(flat.index_select(0, slots))  # (k, V)
+    logits = chosen.new_zeros(flat.shape[0], chosen.shape[-1])
+    logits.index_copy_(0, slots, chosen)
+    return logits.view(*hidden.shape[:2], -1)
+
+
 class BD3RunnerMixin:
     """Put before a V1 `GPUModelRunner` subclass in the bases; every hook below exists there."""
 
@@ -201,10 +214,7 @@ class BD3RunnerMixin:
         """Hidden states (b, L', D) -> logits (b, L', V); the output layer runs only where `read` is True."""
         if read is None:
             return self.model.compute_logits(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
-        chosen = self.model.compute_logits(hidden[read])  # (k, V)
-        logits = chosen.new_zeros(*hidden.shape[:2], chosen.shape[-1])
-        logits[read] = chosen
-        return logits
+        return scatter_read_logits(self.model.compute_logits, hidden, read)
 
     def _config(self, rid: str):
         return sampler_config(self.requests[rid].sampling_params, self.bd3.block_size)
