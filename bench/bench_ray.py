@@ -5,7 +5,7 @@
   bytes each update sends;
 - (with `--shards`) one task scored by `bd3-sweep` in 1, 2 and 4 shards.
 
-    python bench/bench_ray.py [--iterations 6] [--prompts 4] [--shards 1,2,4] [--limit 200]
+    python bench/bench_ray.py [--iterations 6] [--prompts 4] [--shards 1,2,4] [--limit 200] [--no-rl]
 
 Start-up (Ray, the engines) is left out of the per-iteration figures and printed apart.
 """
@@ -71,18 +71,44 @@ def rl_pool(args, tmp: Path) -> None:
     print(f"ratio (one engine / pool of 2), seconds per iteration: {one / two:.2f}x")
 
 
+def sharded_sweep(args, tmp: Path) -> None:
+    import ray
+
+    from bd3_plugin.tinyworld.data import checkpoint_path
+    from ray_jobs.launcher import run_sweep
+    from ray_jobs.plan import plan
+
+    print(f"\n## bd3-sweep of synthetic_ppl on tiny-bd3-L16, {args.limit} documents, a local instance of "
+          f"{os.cpu_count()} CPUs (start-up included)")
+    seconds = {}
+    for shards in args.shards:
+        units = plan([str(checkpoint_path(16))], [["synthetic_ppl"]], limit=args.limit, shards=shards)
+        start = time.perf_counter()
+        counts = run_sweep(units, tmp / f"shards{shards}", num_cpus=os.cpu_count(), progress=False)
+        seconds[shards] = time.perf_counter() - start
+        if counts["failed"]:
+            sys.exit(f"bench_ray.py: the sweep in {shards} shards had failed units")
+        ray.shutdown()  # the next count starts its own instance, as a new sweep would
+        print(f"{shards} shard(s): {seconds[shards]:6.1f} s   speed-up over {args.shards[0]}: "
+              f"{seconds[args.shards[0]] / seconds[shards]:4.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="bench_ray.py")
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--shards", type=_ints, default=None, help="shard counts for the sharded sweep, e.g. 1,2,4")
     ap.add_argument("--limit", type=int, default=200, help="documents of the sharded task")
+    ap.add_argument("--no-rl", action="store_true", help="leave out the RL pool")
     args = ap.parse_args()
     if args.iterations < 1 or args.prompts < 1 or args.limit < 1:
         sys.exit("bench_ray.py: --iterations, --prompts and --limit must be at least 1")
     print(f"# {platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     with tempfile.TemporaryDirectory() as tmp:
-        rl_pool(args, Path(tmp))
+        if args.shards:
+            sharded_sweep(args, Path(tmp))
+        if not args.no_rl:
+            rl_pool(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ray_jobs.plan import shard_range
+
 
 class PoolError(RuntimeError):
     """A pool that cannot start (the message is for the user)."""
 
 
 def _split(count: int, parts: int) -> list[range]:
-    """`count` items in `parts` contiguous ranges whose sizes differ by at most one (empty ones dropped)."""
-    bounds = [count * k // parts for k in range(parts + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    """`count` prompts in `parts` contiguous ranges, as a sweep shards documents (empty ones dropped)."""
+    return [r for r in (shard_range(count, k, parts) for k in range(parts)) if r]
 
 
 class _Engine:
