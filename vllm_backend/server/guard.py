@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from http import HTTPStatus
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,97 @@ def json_body(raw: bytes):
         return json.loads(raw or b"{}")
     except RecursionError:
         raise ValueError(TOO_DEEP) from None
+
+
+# What a value the engine cannot carry looks like in the raw body: a JSON escape of a surrogate (\uD800 to
+# \uDFFF; UTF-8 itself holds none), or a number of 19 digits or more (2**63 has 19).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+INT64 = range(-2**63, 2**63)
+LONE_SURROGATE = "a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair), which is not text"
+BEYOND_INT64 = "an integer beyond 64 bits"
+
+
+def unencodable(raw: bytes, body) -> tuple[str, str] | None:
+    """(where, what) for a value in `body` (parsed from `raw`) that the engine cannot carry, else None; `where` is
+    a dotted path ('' for the body itself). JSON lets a string escape half of a surrogate pair alone, which
+    Python decodes to a code point that every later encoding (the tokenizer, the log) fails on; and JSON
+    integers have no bound, while the engine's messages carry 64 bits (vLLM checks the range of a few fields,
+    not of every one)."""
+    if not (_SURROGATE_ESCAPE.search(raw) or _LONG_NUMBER.search(raw)):
+        return None
+    stack = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        what = _why_unencodable(value)
+        if what is not None:
+            return where, what
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            if isinstance(key, str) and not _encodable(key):
+                return where, LONE_SURROGATE
+            stack.append((f"{where}.{key}" if where else str(key), item))
+    return None
+
+
+def _why_unencodable(value) -> str | None:
+    if isinstance(value, str) and not _encodable(value):
+        return LONE_SURROGATE
+    if isinstance(value, int) and value not in INT64:
+        return BEYOND_INT64
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def stream_error_first(response):
+    """A streamed answer whose first event is an error, as that error's JSON answer with its status; any other
+    answer unchanged. vLLM checks some fields of a streamed request only once its 200 has been sent (prompt
+    token ids and stop_token_ids against the vocabulary, among others), and then sends the error as the
+    stream's only event: a client that checks the status reads it as a success."""
+    if response.status_code != 200 or not response.headers.get("content-type", "").startswith("text/event-stream"):
+        return response
+    chunks = response.body_iterator
+    first = b""
+    async for chunk in chunks:
+        first += chunk if isinstance(chunk, bytes) else chunk.encode()
+        if b"\n\n" in first:
+            break
+    error = _event_error(first)
+    if error is None:
+        response.body_iterator = _replayed(first, chunks)
+        return response
+    await chunks.aclose()
+    return error_response(error.get("message") or "", error.get("param"), HTTPStatus(error["code"]),
+                          error.get("type") or "BadRequestError")
+
+
+_ERROR_CODES = frozenset(int(status) for status in HTTPStatus if status >= 400)
+
+
+def _event_error(events: bytes) -> dict | None:
+    """The error object of the first server-sent event in `events` when it is `data: {"error": {..., "code":
+    an HTTP error status}}`, else None."""
+    first = events.split(b"\n\n", 1)[0].strip()
+    try:
+        error = json.loads(first.removeprefix(b"data: "))["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    code = error.get("code") if isinstance(error, dict) else None
+    return error if isinstance(code, int) and code in _ERROR_CODES else None
+
+
+async def _replayed(first: bytes, rest):
+    if first:
+        yield first
+    async for chunk in rest:
+        yield chunk
 
 
 def _internal_error(err: Exception):

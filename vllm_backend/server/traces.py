@@ -138,11 +138,12 @@ async def attach_trajectories(request, call_next):
     request._body = json.dumps(body).encode()  # Starlette's cached request replays `_body` to the app
     response = await call_next(request)
     raw = b"".join([chunk async for chunk in response.body_iterator])
-    if response.status_code != 200:
+    data = json.loads(raw) if response.status_code == 200 else None
+    if not isinstance(data, dict):  # an error, or the `null` vLLM answers once the client has gone away
         from starlette.responses import Response
 
         return Response(raw, response.status_code, media_type=response.media_type)
-    return await _with_trajectories(request.app.state.engine_client, json.loads(raw), key, asked_ids)
+    return await _with_trajectories(request.app.state.engine_client, data, key, asked_ids)
 
 
 async def _with_trajectories(engine, data: dict, key: str, asked_ids: bool):

@@ -9,8 +9,12 @@
   those lazily, after the 200 has been sent), and refuses body fields that never reach SamplingParams. A
   body that is not JSON, or that one of vLLM's own validators fails on with an exception other than a
   validation error (they assume the types they check: `"messages": null` raises TypeError), is a 400 here,
-  naming the field where one can be named; vLLM's validation errors get vLLM's own 400. A chat request to a
-  server without a chat template gets a 400 that says how to give one (`chat_template.explaining`).
+  naming the field where one can be named; vLLM's validation errors get vLLM's own 400. So is a value the
+  engine cannot carry (text with a lone surrogate, an integer beyond 64 bits), and more choices (n) than
+  `--max-num-queued-reqs` admits at once. A streamed request that passes these checks but that vLLM refuses
+  once its stream has begun (a prompt token id outside the vocabulary, ...) gets vLLM's error as a 4xx
+  instead of a 200 whose only event is the error. A chat request to a server without a chat template gets a
+  400 that says how to give one (`chat_template.explaining`).
 """
 from __future__ import annotations
 
@@ -18,12 +22,13 @@ import os
 import sys
 
 import torch
-from vllm.exceptions import VLLMClientError
+from vllm.exceptions import VLLMClientError, VLLMValidationError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from vllm_backend.server import fields
 from vllm_backend.server.chat_template import explaining
-from vllm_backend.server.guard import authenticated, error_response, guarded, json_body
+from vllm_backend.server.guard import (authenticated, error_response, guarded, json_body, stream_error_first,
+                                       unencodable)
 from vllm_backend.registration import hf_config
 from vllm_backend.worker.params import RESUME_KEY, check_resume_block, sampler_config
 
@@ -85,11 +90,15 @@ async def _checked(request, call_next):
         return await call_next(request)
     if not authenticated(request):
         return await call_next(request)  # vLLM's authentication, further in, answers 401 first
-    model = _request_model(route)
+    raw = await request.body()
     try:
-        body = json_body(await request.body())
+        body = json_body(raw)
     except ValueError as err:  # one nested too deeply would get FastAPI's bare {"detail": ...} from vLLM
         return error_response(f"the request body is not JSON: {err}")
+    bad = unencodable(raw, body)
+    if bad is not None:
+        return error_response(f"{bad[0] or 'the request body'} holds {bad[1]}", bad[0] or None)
+    model = _request_model(route)
     try:
         parsed = model.model_validate(body)
     except (ValueError, VLLMClientError):
@@ -97,22 +106,45 @@ async def _checked(request, call_next):
     except Exception as err:  # vLLM's validators assume the types they check: TypeError on `"messages": null`
         field = field_at_fault(model, body, err)
         return error_response(f"invalid {field or 'request body'}: {err}", field)
+    refused = _refusal(request.app.state, route, body, parsed)
+    if refused is not None:
+        return error_response(refused[1], refused[0])
+    if parsed.stream:
+        return await stream_error_first(await call_next(request))
+    return await call_next(request)
+
+
+def _refusal(state, route: str, body: dict, parsed) -> tuple[str | None, str] | None:
+    """(the field or None, the message) for what a server for a BD3 checkpoint refuses in a request that vLLM's
+    model has parsed: a field the backend does not apply, bad sampler settings, what vLLM's own checks of the
+    sampling parameters refuse; else None."""
     try:
         refused = fields.body_refusal(parsed)
         if refused is not None:
-            return error_response(refused[1], refused[0])
-        params = parsed.to_sampling_params(_max_tokens(parsed), _defaults(request.app.state))
+            return refused
+        params = parsed.to_sampling_params(_max_tokens(parsed), _defaults(state))
         refused = fields.refusal(params)
         if refused is not None:
-            return error_response(refused[1], refused[0])
-        hf = vllm_config.model_config.hf_config
+            return refused
+        hf = state.vllm_config.model_config.hf_config
         sampler_config(params, hf.block_size)
         check_resume_block((params.extra_args or {}).get(RESUME_KEY), hf.block_size, hf.vocab_size)
+        _check_admissible(params.n, state.vllm_config.scheduler_config)
         if route == "completion" and parsed.stream:
-            _check_lengths(request.app.state, body, vllm_config.model_config.max_model_len)
+            _check_lengths(state, body, state.vllm_config.model_config.max_model_len)
     except (ValueError, TypeError, VLLMClientError) as err:  # vLLM's own checks of SamplingParams included
-        return error_response(str(err), getattr(err, "parameter", None))
-    return await call_next(request)
+        return getattr(err, "parameter", None), str(err)
+    return None
+
+
+def _check_admissible(n: int, scheduler_config) -> None:
+    """vLLM counts a request's n choices against `--max-num-queued-reqs` and answers 503 (busy: retry later)
+    when they do not fit beside the requests in flight; more choices than the limit never fit, so that is the
+    client's error."""
+    limit = getattr(scheduler_config, "max_num_queued_reqs", None)
+    if limit is not None and n > limit:
+        raise VLLMValidationError(f"n is more than this server admits at once (--max-num-queued-reqs {limit})",
+                                  parameter="n", value=n)
 
 
 # A body with more top-level fields than this is not searched for the one at fault (each try validates it).
