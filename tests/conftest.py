@@ -23,6 +23,10 @@ from servers import LAUNCHED, launch, stop, wait_healthy  # noqa: E402
 BD3 = str(Path(sys.executable).with_name("bd3"))
 SERVER_KEY = "bd3-test-key"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # the tiny tokenizer has no chat template
+# The engine runs this many requests at once and vLLM admits this many in flight (running or waiting; more are
+# a 503): small, so that tests/test_vllm_overload.py bursts far past both in a few seconds.
+MAX_NUM_SEQS = 32
+MAX_NUM_QUEUED_REQS = 128
 ENGINE_PROCESSES: list = []  # stopped when the session ends, with the servers
 
 
@@ -98,7 +102,8 @@ def _server_argv(port: int, weight_root: Path) -> list[str]:
     from bd3_plugin.tinyworld.data import checkpoint_path
 
     return [BD3, "serve", str(checkpoint_path(4)), "--port", str(port), "--weight-update-root", str(weight_root),
-            "--", "--api-key", SERVER_KEY, "--logprobs-mode", "processed_logprobs", "--chat-template", CHAT_TEMPLATE]
+            "--", "--api-key", SERVER_KEY, "--logprobs-mode", "processed_logprobs", "--chat-template", CHAT_TEMPLATE,
+            "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-queued-reqs", str(MAX_NUM_QUEUED_REQS)]
 
 
 @early_fixture(order=1)  # after the commands: an idle vLLM server still takes some CPU
@@ -117,12 +122,14 @@ def bd3_server_process(folder):
 @pytest.fixture(scope="session")
 def bd3_server(bd3_server_process):
     """`bd3 serve tiny-bd3-L4` for every test that talks to a server, with the flags any of them needs: an API
-    key (requests to /v1 and /bd3 carry `headers`), processed logprobs, a chat template, and the weight-update
-    route reading under `weight_root` (pytest's base temporary folder). A test that updates the weights puts
-    back `served_weights` (tiny-bd3-L4, copied inside the root) and the label "default" before it ends."""
+    key (requests to /v1 and /bd3 carry `headers`), processed logprobs, a chat template, `max_num_seqs` and
+    `max_num_queued_reqs`, and the weight-update route reading under `weight_root` (pytest's base temporary
+    folder). A test that updates the weights puts back `served_weights` (tiny-bd3-L4, copied inside the root)
+    and the label "default" before it ends."""
     from bd3_plugin.tinyworld.data import checkpoint_path
 
     return SimpleNamespace(base=bd3_server_process.base, model=str(checkpoint_path(4)), key=SERVER_KEY,
-                           headers={"Authorization": f"Bearer {SERVER_KEY}"},
+                           headers={"Authorization": f"Bearer {SERVER_KEY}"}, max_num_seqs=MAX_NUM_SEQS,
+                           max_num_queued_reqs=MAX_NUM_QUEUED_REQS,
                            weight_root=bd3_server_process.weight_root,
                            served_weights=bd3_server_process.served_weights)

@@ -37,7 +37,16 @@ BAD = [("completions", {"prompt": [-5]}, "prompt.0"),
        ("completions", "[" * 100_000, None),  # past the JSON parser's recursion limit
        ("completions", '{"prompt": "a", "n": NaN}', "n"),
        ("completions", '{"prompt": "a", "max_tokens": 1e999}', "max_tokens"),
-       ("completions", b"\xff\xfe", None)]
+       ("completions", b"\xff\xfe", None),
+       ("completions", PROMPT | {"request_id": "\ud800"}, "request_id"),  # the engine's messages cannot carry it
+       ("chat/completions", CHAT | {"stream_interval": 10**30}, "stream_interval"),  # nor an int beyond 64 bits
+       ("chat/completions", CHAT | {"messages": [{"role": "user", "content": "a\udfff"}]}, "messages.0.content")]
+# Bodies judged against the served model (its vocabulary; the test names the model): the session's server
+# only. vLLM checks the first two only once a stream has begun, and sent them as a 200 whose only event is
+# the error.
+SERVED = [("completions", PROMPT | {"prompt": [5, 99999], "stream": True}, None),
+          ("completions", PROMPT | {"stop_token_ids": [-1], "stream": True}, "stop_token_ids"),
+          ("completions", PROMPT | {"temperature": float("inf")}, "temperature")]
 
 
 def _raw(body) -> bytes:
@@ -104,7 +113,9 @@ def test_the_server_answers_every_malformed_body_on_a_kept_alive_connection(bd3_
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
     headers = bd3_server.headers | {"content-type": "application/json"}
     wrong = []
-    for route, body, field in BAD + [("completions", PROMPT | {"temperature": float("inf")}, "temperature")]:
+    never_admitted = ("completions", PROMPT | {"n": bd3_server.max_num_queued_reqs + 1}, "n")  # not a 503: a 400
+    served = [(route, body | {"model": bd3_server.model}, field) for route, body, field in SERVED + [never_admitted]]
+    for route, body, field in BAD + served:
         conn.request("POST", f"/v1/{route}", body=_raw(body), headers=headers)
         answer = conn.getresponse()
         problem = _is_400_naming(answer.status, answer.read(), field)
@@ -115,6 +126,9 @@ def test_the_server_answers_every_malformed_body_on_a_kept_alive_connection(bd3_
     assert (health.status, health.read()) == (200, b"")
     assert wrong == []
     good = PROMPT | {"model": bd3_server.model}
+    conn.request("POST", "/v1/completions", body=json.dumps(good | {"stream": True}), headers=headers)
+    answer = conn.getresponse()
+    assert answer.status == 200 and answer.read().startswith(b"data: {")  # a stream that begins well is replayed
     conn.request("POST", "/v1/completions", body=json.dumps(good), headers=headers)
     answer = conn.getresponse()
     assert answer.status == 200 and json.loads(answer.read())["choices"][0]["text"]
