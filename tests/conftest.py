@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -19,6 +20,14 @@ import early  # noqa: E402
 from early import early_fixture  # noqa: E402
 from engines import EngineProcess  # noqa: E402
 from servers import LAUNCHED, launch, stop, wait_healthy  # noqa: E402
+
+# Hypothesis profiles (the fuzz suite, tests/test_vllm_fuzz.py). The default one draws the same bodies on every
+# run and machine (derandomize, no example database), 150 per route, in about 30 s on 2 busy cores; `long`
+# (`pytest --hypothesis-profile=long`) draws fresh ones, 1,500 per route. No deadline: a body's time is the
+# server's, and the server is shared with whatever else runs.
+settings.register_profile("default", max_examples=150, deadline=None, derandomize=True, database=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("long", settings.get_profile("default"), max_examples=1500, derandomize=False)
 
 BD3 = str(Path(sys.executable).with_name("bd3"))
 SERVER_KEY = "bd3-test-key"
