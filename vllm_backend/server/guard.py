@@ -3,7 +3,9 @@ no exception that escapes to the ASGI server.
 
 An exception that leaves a middleware reaches Starlette's last-resort handler, which answers it and then
 raises it again; uvicorn then closes the connection, so a client on a kept-alive connection sees a reset.
-`guarded` answers every exception inside the middleware with a JSON error instead.
+`guarded` answers every exception inside the middleware with a JSON error instead. `unencodable` finds what
+a request body holds that the engine cannot carry; `stream_error_first` turns a stream whose first event is
+an error into that error's status.
 """
 from __future__ import annotations
 
