@@ -22,9 +22,9 @@ from engines import EngineProcess  # noqa: E402
 from servers import LAUNCHED, launch, stop, wait_healthy  # noqa: E402
 
 # Hypothesis profiles (the fuzz suite, tests/test_vllm_fuzz.py). The default one draws the same bodies on every
-# run and machine (derandomize, no example database), 150 per route, in about 30 s on 2 busy cores; `long`
-# (`pytest --hypothesis-profile=long`) draws fresh ones, 1,500 per route. No deadline: a body's time is the
-# server's, and the server is shared with whatever else runs.
+# run and machine (derandomize, no example database), 150 per route: 18 s on 2 idle cores, 32 s on busy ones;
+# `long` (`pytest --hypothesis-profile=long`) draws fresh ones, 1,500 per route. No deadline: a body's time is
+# the server's, and the server is shared with whatever else runs.
 settings.register_profile("default", max_examples=150, deadline=None, derandomize=True, database=None,
                           print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("long", settings.get_profile("default"), max_examples=1500, derandomize=False)
