@@ -97,6 +97,17 @@ def test_the_field_at_fault_in_an_exception_from_vllm_validators():
     assert field_at_fault(ChatCompletionRequest, CHAT, TypeError("not from this body")) is None
 
 
+def test_the_batched_chat_route_which_the_checks_do_not_read_is_refused(client):
+    """vLLM's /v1/chat/completions/batch takes conversations the body checks do not read: a 404 naming the
+    route to use, after the key (so that it says nothing to a caller without one)."""
+    body = {"messages": [[{"role": "user", "content": "the"}]], "max_tokens": 4, "logit_bias": {"3": 5}}
+    assert client.post("/v1/chat/completions/batch", json=body).status_code == 401
+    r = client.post("/v1/chat/completions/batch", json=body, headers=AUTH)
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert error["code"] == 404 and "send each conversation to /v1/chat/completions" in error["message"]
+
+
 def test_an_internal_error_is_a_500_with_a_json_body(client):
     # No engine behind this app: the weight route's call to it raises inside the middleware, and vLLM's
     # model list raises inside vLLM's route; neither exception escapes.
@@ -162,8 +173,8 @@ def chat_state(client):
     hf = SimpleNamespace(model_type="bd3lm", block_size=cfg.block_size, vocab_size=cfg.vocab_size)
     state = client.app.state
     before = state.vllm_config
-    state.vllm_config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, max_model_len=cfg.model_length,
-                                                                     get_diff_sampling_param=dict))
+    model = SimpleNamespace(hf_config=hf, max_model_len=cfg.model_length, get_diff_sampling_param=dict)
+    state.vllm_config = SimpleNamespace(model_config=model, scheduler_config=SimpleNamespace(max_num_queued_reqs=None))
     yield state
     state.vllm_config = before
     del state.openai_serving_chat

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+from http import HTTPStatus
 
 import torch
 from vllm.exceptions import VLLMClientError, VLLMValidationError
@@ -76,6 +77,9 @@ class BD3RequestValidator(LogitsProcessor):
 
 
 _ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+# vLLM's batched chat route takes a list of conversations that the checks here do not read: refused, so that
+# no field they refuse elsewhere is silently ignored there.
+_UNCHECKED_ROUTES = {"/v1/chat/completions/batch": "send each conversation to /v1/chat/completions"}
 
 
 @guarded
@@ -85,11 +89,15 @@ async def check_request(request, call_next):
 
 async def _checked(request, call_next):
     route = _ROUTES.get(request.url.path)
+    unchecked = _UNCHECKED_ROUTES.get(request.url.path)
     vllm_config = getattr(request.app.state, "vllm_config", None)
-    if request.method != "POST" or route is None or vllm_config is None or not _is_bd3(vllm_config):
+    if request.method != "POST" or (route or unchecked) is None or vllm_config is None or not _is_bd3(vllm_config):
         return await call_next(request)
     if not authenticated(request):
         return await call_next(request)  # vLLM's authentication, further in, answers 401 first
+    if unchecked is not None:
+        return error_response(f"{request.url.path} is not served for a BD3 checkpoint: {unchecked}",
+                              status=HTTPStatus.NOT_FOUND, kind="NotFoundError")
     raw = await request.body()
     try:
         body = json_body(raw)
