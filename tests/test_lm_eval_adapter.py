@@ -197,3 +197,13 @@ def test_choices_of_one_context_share_their_draws(lm16, monkeypatch):
     first, second, other, again = (p.masks for p in plans)  # requests of equal length keep their order
     assert torch.equal(first, second) and torch.equal(first, again) and not torch.equal(first, other)
     assert got[0] == got[3] and got[0] != got[1]
+
+
+def test_registering_bd3_keeps_lm_evals_own_model_types():
+    """lm-eval loads its own model types only into an empty registry: with the adapter imported, get_model
+    still finds them (and bd3)."""
+    from lm_eval.api.registry import model_registry
+
+    assert {"bd3", "hf", "local-completions", "vllm"} <= set(model_registry.keys())
+    assert get_model("bd3") is BD3EvalLM
+    assert get_model("local-completions").__name__ == "LocalCompletionsAPI"

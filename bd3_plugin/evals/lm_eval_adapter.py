@@ -13,6 +13,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
+import lm_eval.models  # lm-eval's own model types in its registry before "bd3" (see BD3EvalLM)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -134,6 +135,8 @@ def _fail(err: Exception):
     raise err
 
 
+# lm-eval fills its registry with its own model types (lm_eval.models) only when `get_model` finds it empty:
+# registering "bd3" into an empty registry would hide `hf`, `local-completions`, ... from this process.
 @register_model("bd3")
 class BD3EvalLM(TemplateLM):
     def __init__(self, **kwargs) -> None:
