@@ -38,13 +38,15 @@ def test_scores_do_not_depend_on_batching_or_neighbours(monkeypatch):
     reversed_ = score_documents(model, docs[::-1], bos_id=21, mc_samples=3, seed=9, batch_size=2).flip(0)
     assert torch.equal(all_at_once, one_by_one) and torch.equal(all_at_once, reversed_)
     assert (all_at_once[:, 0] != all_at_once[:, 1]).all()  # the samples differ
-    monkeypatch.setattr(scoring, "padded_length", lambda n, max_length: max_length)
-    longest = score_documents(model, docs, bos_id=21, mc_samples=3, seed=9, batch_size=16)
-    assert torch.allclose(longest, all_at_once, rtol=1e-5) and not torch.equal(longest, all_at_once)
+    monkeypatch.setattr(scoring, "padded_length", lambda n, max_length: n)  # each window at its own length
+    unpadded = score_documents(model, docs, bos_id=21, mc_samples=3, seed=9, batch_size=16)
+    assert torch.allclose(unpadded, all_at_once, rtol=1e-5) and not torch.equal(unpadded, all_at_once)
 
 
-def test_padded_length_is_a_power_of_two_capped_by_the_model():
-    assert [padded_length(n, 96) for n in (1, 2, 3, 5, 16, 17, 64, 65, 96)] == [1, 2, 4, 8, 16, 32, 64, 96, 96]
+def test_padded_length_is_the_next_multiple_of_the_quantum_capped_by_the_model():
+    assert scoring.PAD_QUANTUM == 16
+    got = [padded_length(n, 100) for n in (1, 2, 15, 16, 17, 64, 65, 96, 97, 100)]
+    assert got == [16, 16, 16, 16, 32, 64, 80, 96, 100, 100]
 
 
 def test_report_pools_documents():

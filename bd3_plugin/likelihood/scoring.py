@@ -133,14 +133,20 @@ def greedy_windows(model: BD3LM, wins: list[Window], *, batch_size: int = 8) -> 
     return out
 
 
+PAD_QUANTUM = 16  # tokens: windows are computed at a multiple of this
+
+
 def padded_length(n: int, max_length: int) -> int:
-    """The length a window of n tokens is computed at: the next power of two, at most max_length.
+    """The length a window of n tokens is computed at: n rounded up to a multiple of PAD_QUANTUM, at most
+    max_length.
 
     A row's float32 result depends on the shape of the tensors it is computed in (the matmul and attention
     kernels sum in an order set by the sequence length), so padding each window to the batch's longest
     moved a score by ~1e-6 with the other windows of its batch. A length set by the window alone makes its
-    score the same in any batch, of any size, at most twice the work of no padding."""
-    return min(1 << (n - 1).bit_length(), max_length)
+    score the same in any batch, of any size, for at most PAD_QUANTUM - 1 padded positions per window (a
+    power of two would cost up to twice the work: 65 tokens at 128); windows of one padded length share
+    batches, so there are at most max_length / PAD_QUANTUM kinds of batch."""
+    return min(-(-n // PAD_QUANTUM) * PAD_QUANTUM, max_length)
 
 
 def _groups(wins: list[Window], batch_size: int, max_length: int) -> list[list[int]]:
