@@ -4,14 +4,10 @@ a sampler by name: `generate` (with its recorder and the RL scorer), the lm-eval
 The toy sampler, "leftmost", reveals the leftmost masked slot of each row per pass. Its tokens have an
 independent definition: token n is taken from the logits at position n of one full forward over the
 sequence so far followed by masks to the end of n's block (the argmax, or at temperature > 0 the Gumbel
-draw from one row of uniforms of the row's generator). The vLLM part runs this file as a script in a child
-process (one engine per process, as tests/vllm_fusion_worker.py), with the engine in that process, where the
-script registers the toy sampler itself.
+draw from one row of uniforms of the row's generator). The vLLM part runs in the session's engine process
+(tests/vllm_sampler_worker.py), which registers the toy sampler there for the job, with the engine in that
+process.
 """
-import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -131,42 +127,17 @@ def test_lm_eval_generate_until_equals_the_naive_loop(leftmost):
 
 
 @pytest.mark.engine
-def test_the_vllm_engine_equals_the_naive_loop(tmp_path):
+def test_the_vllm_engine_equals_the_naive_loop(engines):
     from bd3_plugin.core.checkpoint import load_checkpoint
     from bd3_plugin.tinyworld.data import checkpoint_path
 
     ckpt = load_checkpoint(checkpoint_path(4))
     prompts = [ckpt.encode(t) for t in ("<eos> the old cow", "<eos> some ships run . a", "<eos>")]
     cases = [{"temperature": 0.0, "max_tokens": 13, "seed": 0}, {"temperature": 1.0, "max_tokens": 10, "seed": 7}]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, __file__, str(checkpoint_path(4)), json.dumps({"prompts": prompts,
-                        "cases": cases})], capture_output=True, text=True, timeout=900, env=env)
-    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert r.returncode == 0 and lines, r.stderr[-3000:]
-    results = json.loads(lines[-1][len("RESULTS "):])
+    # In the session's engine process (tests/vllm_sampler_worker.py), with the engine in that process.
+    results = engines.run("sampler", {"checkpoint": str(checkpoint_path(4)), "prompts": prompts, "cases": cases},
+                          env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     for case, outputs in zip(cases, results):
         for i, (prompt, tokens) in enumerate(zip(prompts, outputs)):
             want = naive_leftmost(ckpt.model, prompt, case["max_tokens"], case["temperature"], case["seed"] + i)
             assert tokens == want, (case, prompt)
-
-
-def _engine_main(checkpoint: str, spec: dict) -> None:
-    """The child process: this file's sampler, registered here, decoded by a vLLM engine in this process."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core and its runner see this registry
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    register_sampler(NAME)(Leftmost)
-    llm = LLM(checkpoint, dtype="float32", max_model_len=128, seed=0, enforce_eager=True)
-    results = []
-    for case in spec["cases"]:
-        params = [SamplingParams(temperature=case["temperature"], max_tokens=case["max_tokens"], seed=case["seed"] + i,
-                                 extra_args={"algorithm": NAME}, ignore_eos=True) for i in range(len(spec["prompts"]))]
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
-        results.append([list(o.outputs[0].token_ids) for o in outs])
-    print("RESULTS " + json.dumps(results))
-
-
-if __name__ == "__main__":
-    _engine_main(sys.argv[1], json.loads(sys.argv[2]))

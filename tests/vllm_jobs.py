@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 JOBS = {"parity": "vllm_parity_worker", "fusion": "vllm_fusion_worker", "load": "vllm_load_worker",
         "traces": "vllm_traces_worker", "weights": "vllm_weights_worker", "llama": "vllm_llama_worker",
-        "rl": "vllm_rl_worker", "hub": "vllm_hub_worker", "profile": "vllm_profile_worker"}
+        "rl": "vllm_rl_worker", "hub": "vllm_hub_worker", "profile": "vllm_profile_worker",
+        "sampler": "vllm_sampler_worker"}
 
 
 _KEPT: dict = {}  # key -> (arguments, engine): engines that stay up for later jobs
