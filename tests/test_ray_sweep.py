@@ -140,17 +140,25 @@ def test_an_interrupted_sweep_finishes_only_the_missing_units(interrupted_sweep)
     assert f"{len(units()) - len(finished)} run now" in r.stderr
 
 
+# One unit of three tasks, one per kind of metric: summed log-likelihoods over counts, accuracies, and the
+# zero-shot protocol's rows (corpora of 20 documents); four documents of each.
+SHARDED = Unit(CKPTS[1], ("synthetic_ppl", "synthetic_mc", "synthetic_ppl_rows_batched"), "mc_samples=2", limit=4)
+
+
 @early_fixture
 def bad_checkpoints_sweep(folder):
     """A checkpoint whose config reads but whose weights are missing (found only when its unit loads it) beside
-    a good one, swept without --address while RAY_ADDRESS names a port where no cluster listens."""
+    a good one, swept without --address while RAY_ADDRESS names a port where no cluster listens; the tasks
+    of SHARDED in two shards, so that the sharded tests read the good checkpoint's shards."""
     no_weights = folder / "no-weights"
     no_weights.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(CKPTS[1]) / name, no_weights / name)
     out = folder / "sweep"
+    argv = ["--tasks", ",".join(SHARDED.tasks), "--limit", str(SHARDED.limit), "--shards", "2"]
     with ONE_SWEEP:
-        return out, sweep(out, checkpoints=[str(no_weights), CKPTS[1]], env=os.environ | {"RAY_ADDRESS": "127.0.0.1:1"})
+        return out, sweep(out, *argv, checkpoints=[str(no_weights), SHARDED.checkpoint],
+                          env=os.environ | {"RAY_ADDRESS": "127.0.0.1:1"})
 
 
 @pytest.mark.cluster
@@ -158,34 +166,20 @@ def bad_checkpoints_sweep(folder):
 def test_a_failing_unit_is_recorded_and_the_others_run_on_a_new_local_instance(bad_checkpoints_sweep):
     out, r = bad_checkpoints_sweep
     assert r.returncode == 1, r.stderr[-3000:]  # some units failed; the others ran, on an instance of its own
+    assert "4 units (2 × 2 shards) (4 run now, 2 failed)" in r.stderr
     rows = table(out)
-    assert rows[("no-weights", "synthetic_ppl", "error")]["value"].startswith("CheckpointError: no model.safetensors")
+    error = rows[("no-weights", "synthetic_ppl", "error")]["value"]
+    assert error.startswith("shard 1/2: CheckpointError: no model.safetensors"), error
     assert rows[("tiny-bd3-L4", "synthetic_ppl", "word_perplexity")]["status"] == "ok"
-
-
-# One unit of three tasks, one per kind of metric: summed log-likelihoods over counts, accuracies, and the
-# zero-shot protocol's rows (corpora of 20 documents); four documents of each.
-SHARDED = Unit(CKPTS[1], ("synthetic_ppl", "synthetic_mc", "synthetic_ppl_rows_batched"), "mc_samples=2", limit=4)
-
-
-@early_fixture
-def sharded_sweep(folder):
-    """`bd3-sweep` of SHARDED in two shards."""
-    out = folder / "sweep"
-    argv = ["--tasks", ",".join(SHARDED.tasks), "--limit", str(SHARDED.limit), "--shards", "2"]
-    with ONE_SWEEP:
-        return out, sweep(out, *argv, checkpoints=[SHARDED.checkpoint])
 
 
 @pytest.mark.cluster
 @pytest.mark.cli
-def test_sharded_table_equals_the_unsharded_run(sharded_sweep, tmp_path):
-    out, r = sharded_sweep
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 units (1 × 2 shards) (2 run now, 0 failed)" in r.stderr
+def test_sharded_table_equals_the_unsharded_run(bad_checkpoints_sweep, tmp_path):
+    out = bad_checkpoints_sweep[0]
     whole = run_unit(SHARDED, tmp_path)  # lm-eval's own metrics of the whole tasks, no Ray
     assert whole["status"] == "ok", whole.get("traceback")
-    merged = {(r["task"], r["metric"]): r for r in table(out).values()}
+    merged = {(r["task"], r["metric"]): r for r in table(out).values() if r["checkpoint"] == "tiny-bd3-L4"}
     assert len(merged) == len(whole["metrics"]) == 7
     for m in whole["metrics"]:
         row = merged[(m["task"], m["metric"])]
@@ -197,10 +191,9 @@ def test_sharded_table_equals_the_unsharded_run(sharded_sweep, tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.cli
-def test_a_document_scores_the_same_in_any_shard(sharded_sweep, tmp_path):
+def test_a_document_scores_the_same_in_any_shard(bad_checkpoints_sweep, tmp_path):
     """Document 1 shares a shard with document 0 in the sweep's split in two, and is alone in a split in three."""
-    out, r = sharded_sweep
-    assert r.returncode == 0, r.stderr[-3000:]
+    out = bad_checkpoints_sweep[0]
     in_two = json.loads(split(SHARDED, 2)[0].result_path(out).read_text())
     alone = run_unit(split(SHARDED, 3)[1], tmp_path)
     assert alone["status"] == "ok", alone.get("traceback")
@@ -229,10 +222,9 @@ def synchronous_ray(calls: list):
 
 @pytest.mark.cluster
 @pytest.mark.cli
-def test_a_sharded_sweep_resumes_per_shard(sharded_sweep, tmp_path, monkeypatch):
+def test_a_sharded_sweep_resumes_per_shard(bad_checkpoints_sweep, tmp_path, monkeypatch):
     """The sweep's result folder with the second shard's result deleted: only that shard runs again."""
-    out, r = sharded_sweep
-    assert r.returncode == 0, r.stderr[-3000:]
+    out = bad_checkpoints_sweep[0]
     resumed = tmp_path / "sweep"
     shutil.copytree(out, resumed)
     shards = split(SHARDED, 2)
