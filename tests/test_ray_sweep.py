@@ -16,7 +16,7 @@ import pytest
 from bd3_plugin.core.checkpoint import read_config
 from bd3_plugin.core.config import ConfigError
 from bd3_plugin.tinyworld.data import checkpoint_path
-from early import ONE_RAY, early_fixture
+from early import early_fixture
 from ray_jobs import cluster, launcher
 from ray_jobs.cli import main
 from ray_jobs.plan import Unit, plan, split, status
@@ -26,10 +26,6 @@ SWEEP = str(Path(sys.executable).with_name("bd3-sweep"))
 CKPTS = [str(checkpoint_path(1)), str(checkpoint_path(4))]
 TASKS = ["synthetic_ppl", "synthetic_mc"]
 COMMON = ["--tasks", *TASKS, "--limit", "8", "--num-cpus", "2", "--model-args", "mc_samples=2"]
-
-
-# The sweeps start early, in background threads (tests/early.py), one Ray instance at a time.
-ONE_SWEEP = ONE_RAY
 
 
 def sweep(out, *extra, checkpoints=CKPTS, popen=False, env=None):
@@ -64,21 +60,20 @@ def wait_for(predicate, seconds=300):
     pytest.fail("timed out")
 
 
-@early_fixture
+@early_fixture(lane="ray")
 def killed_sweep(folder):
     """One sweep whose first worker to start a unit is killed in the middle of it: (out folder, the killed
     unit, stdout, stderr, exit status). Run early (tests/early.py), as are the other sweeps."""
     out = folder / "sweep"
-    with ONE_SWEEP:
-        proc = sweep(out, popen=True)
-        try:
-            first = wait_for(lambda: next((u for u in units() if attempts(out, u)), None))
-            pid = int(next((first.result_path(out).parent / "attempts").iterdir()).name.rsplit("-", 1)[1])
-            os.kill(pid, signal.SIGKILL)  # the worker dies in the middle of its unit
-            stdout, stderr = proc.communicate(timeout=900)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    proc = sweep(out, popen=True)
+    try:
+        first = wait_for(lambda: next((u for u in units() if attempts(out, u)), None))
+        pid = int(next((first.result_path(out).parent / "attempts").iterdir()).name.rsplit("-", 1)[1])
+        os.kill(pid, signal.SIGKILL)  # the worker dies in the middle of its unit
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     return out, first, stdout, stderr, proc.returncode
 
 
@@ -110,22 +105,21 @@ def test_sweep_table_equals_the_units_run_without_ray(killed_sweep, tmp_path):
     assert "word_perplexity" in stdout and "true_word_perplexity" in stdout
 
 
-@early_fixture
+@early_fixture(lane="ray")
 def interrupted_sweep(folder):
     """A sweep on one CPU stopped by Ctrl-C once a unit is done, then the same command again."""
     out = folder / "sweep"
-    with ONE_SWEEP:
-        proc = sweep(out, "--num-cpus", "1", popen=True)
-        try:
-            wait_for(lambda: any(status(u, out) == "done" for u in units()))
-            proc.send_signal(signal.SIGINT)  # Ctrl-C: the driver stops and takes its local Ray instance down
-            _, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        finished = [u for u in units() if status(u, out) == "done"]
-        before = {u.key: u.result_path(out).stat().st_mtime_ns for u in finished}
-        return out, proc.returncode, err, finished, before, sweep(out)
+    proc = sweep(out, "--num-cpus", "1", popen=True)
+    try:
+        wait_for(lambda: any(status(u, out) == "done" for u in units()))
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the driver stops and takes its local Ray instance down
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    finished = [u for u in units() if status(u, out) == "done"]
+    before = {u.key: u.result_path(out).stat().st_mtime_ns for u in finished}
+    return out, proc.returncode, err, finished, before, sweep(out)
 
 
 @pytest.mark.cluster
@@ -145,7 +139,7 @@ def test_an_interrupted_sweep_finishes_only_the_missing_units(interrupted_sweep)
 SHARDED = Unit(CKPTS[1], ("synthetic_ppl", "synthetic_mc", "synthetic_ppl_rows_batched"), "mc_samples=2", limit=4)
 
 
-@early_fixture
+@early_fixture(lane="ray")
 def bad_checkpoints_sweep(folder):
     """A checkpoint whose config reads but whose weights are missing (found only when its unit loads it) beside
     a good one, swept without --address while RAY_ADDRESS names a port where no cluster listens; the tasks
@@ -156,9 +150,8 @@ def bad_checkpoints_sweep(folder):
         shutil.copy(Path(CKPTS[1]) / name, no_weights / name)
     out = folder / "sweep"
     argv = ["--tasks", ",".join(SHARDED.tasks), "--limit", str(SHARDED.limit), "--shards", "2"]
-    with ONE_SWEEP:
-        return out, sweep(out, *argv, checkpoints=[str(no_weights), SHARDED.checkpoint],
-                          env=os.environ | {"RAY_ADDRESS": "127.0.0.1:1"})
+    return out, sweep(out, *argv, checkpoints=[str(no_weights), SHARDED.checkpoint],
+                      env=os.environ | {"RAY_ADDRESS": "127.0.0.1:1"})
 
 
 @pytest.mark.cluster

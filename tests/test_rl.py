@@ -18,7 +18,7 @@ from bd3_plugin.rl.egspo import (LengthBaseline, RLConfig, build_batch, clipped_
     greedy_rewards, group_advantages, update)
 from bd3_plugin.rl.engines import CoreEngine
 from bd3_plugin.rl.trajectory_scoring import score_trajectory
-from early import ONE_RAY, early_fixture
+from early import early_fixture
 from helpers import WORDS, random_model, tiny_config, word_tokenizer
 
 BD3 = str(Path(sys.executable).with_name("bd3"))
@@ -187,14 +187,13 @@ def vllm_rl_run(engines, tmp_path_factory):
     return out
 
 
-@early_fixture
+@early_fixture(lane="ray")
 def rollout_pool_run(folder):
     """The same run as `vllm_rl_run` with two engines as Ray actors (`--rollout-workers 2`), as a command:
     (output folder, exit status, stderr)."""
     out = folder / "run"
-    with ONE_RAY:
-        done = subprocess.run([BD3, "rl", *VLLM_RL, "--out", str(out), "--rollout-workers", "2"],
-                              capture_output=True, text=True, timeout=900)
+    done = subprocess.run([BD3, "rl", *VLLM_RL, "--out", str(out), "--rollout-workers", "2"],
+                          capture_output=True, text=True, timeout=900)
     return out, done.returncode, done.stderr
 
 
