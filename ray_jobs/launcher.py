@@ -15,10 +15,16 @@ def auto_shards(address: str | None, num_cpus: int | None, gpus_per_unit: float 
     """One shard per unit the cluster can run at once: its GPUs over the GPUs of a unit when units take
     GPUs, else its CPUs (a CPU unit takes one)."""
     resources = connect(address, num_cpus).cluster_resources()
-    gpus = resources.get("GPU", 0)
-    per_unit = gpus_per_unit if gpus_per_unit is not None else (1 if gpus else 0)
-    workers = gpus // per_unit if per_unit else resources.get("CPU", 1)
+    per_unit = unit_gpus(resources, gpus_per_unit)
+    workers = resources.get("GPU", 0) // per_unit if per_unit else resources.get("CPU", 1)
     return max(1, int(workers))
+
+
+def unit_gpus(resources: dict, gpus_per_unit: float | None) -> float:
+    """The GPUs a unit takes: as asked, else one on a cluster with GPUs and none on one without."""
+    if gpus_per_unit is not None:
+        return gpus_per_unit
+    return 1 if resources.get("GPU", 0) else 0
 
 
 def _remote_unit(unit: Unit, out: str, device: str) -> dict:
@@ -38,8 +44,7 @@ def run_sweep(units: list[Unit], out: Path, *, address: str | None = None, gpus_
     if not pending:
         return counts
     ray = connect(address, num_cpus)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    per_unit = gpus_per_unit if gpus_per_unit is not None else (1 if gpus else 0)
+    per_unit = unit_gpus(ray.cluster_resources(), gpus_per_unit)
     device = "cuda" if per_unit else "cpu"
     task = ray.remote(num_cpus=1, num_gpus=per_unit, max_retries=max_retries)(_remote_unit)
     refs = {task.remote(u, str(out), device): u for u in pending}
