@@ -32,3 +32,14 @@ def connect(address: str | None, num_cpus: int | None):
     except Exception as err:
         raise ClusterError(f"cannot start or join Ray ({address or 'local'}): {err}".splitlines()[0]) from None
     return ray
+
+
+def one_device_each(ray, count: int, flag: str, what: str) -> dict:
+    """Ray resources for `count` actors of one device each: a GPU on a cluster with GPUs, else a CPU. A
+    number the cluster cannot hold is refused (its actors would wait for resources forever)."""
+    total = ray.cluster_resources()
+    kind = "GPU" if total.get("GPU", 0) >= 1 else "CPU"
+    have = int(total.get(kind, 0))
+    if have < count:
+        raise ClusterError(f"{flag} {count} needs {count} {kind}s (one per {what}); the Ray cluster has {have}")
+    return {"num_gpus": 1} if kind == "GPU" else {"num_cpus": 1}

@@ -45,24 +45,12 @@ class _Engine:
         return f"{os.uname().nodename}:{os.getpid()}"
 
 
-def _resources(ray, workers: int) -> dict:
-    """One GPU per engine on a cluster with GPUs, else one CPU; refuses a pool the cluster cannot hold (its
-    actors would wait for resources forever)."""
-    total = ray.cluster_resources()
-    kind = "GPU" if total.get("GPU", 0) >= 1 else "CPU"
-    have = int(total.get(kind, 0))
-    if have < workers:
-        raise PoolError(f"--rollout-workers {workers} needs {workers} {kind}s (one per engine); "
-                        f"the Ray cluster has {have}")
-    return {"num_gpus": 1} if kind == "GPU" else {"num_cpus": 1}
-
-
 class RolloutPool:
     """N vLLM engines as Ray actors, each loading `checkpoint`; `address` None starts a new local Ray instance."""
 
     def __init__(self, checkpoint: str | Path, sampler, model_length: int, seed: int, workers: int,
                  address: str | None = None) -> None:
-        from ray_jobs.cluster import ClusterError, connect
+        from ray_jobs.cluster import ClusterError, connect, one_device_each
 
         if workers < 1:
             raise PoolError(f"--rollout-workers must be >= 1, got {workers}")
@@ -71,10 +59,10 @@ class RolloutPool:
         except ClusterError as err:
             raise PoolError(str(err)) from None
         try:
-            resources = _resources(self.ray, workers)
-        except PoolError:
+            resources = one_device_each(self.ray, workers, "--rollout-workers", "engine")
+        except ClusterError as err:
             self.ray.shutdown()
-            raise
+            raise PoolError(str(err)) from None
         actor = self.ray.remote(**resources)(_Engine)
         self.engines = [actor.remote(str(checkpoint), sampler, model_length, seed) for _ in range(workers)]
         self.places = self.ray.get([e.where.remote() for e in self.engines])  # waits until every engine is up

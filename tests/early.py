@@ -14,9 +14,11 @@ import pytest
 
 # Two at a time: with the tests in this process, a 2-core machine stays busy even while a test waits. Set-up
 # that starts a local Ray instance runs in a lane of its own, one at a time (each driver starts its own
-# instance beside no other), so that it never holds one of the two threads waiting for another's instance.
+# instance beside no other), so that it never holds one of the two threads waiting for another's instance;
+# the Ray Serve scenario (tests/test_ray_serve.py), minutes long, has a lane of its own beside it.
 _LANES = {None: ThreadPoolExecutor(max_workers=2, thread_name_prefix="bd3-tests-early"),
-          "ray": ThreadPoolExecutor(max_workers=1, thread_name_prefix="bd3-tests-early-ray")}
+          "ray": ThreadPoolExecutor(max_workers=1, thread_name_prefix="bd3-tests-early-ray"),
+          "serve": ThreadPoolExecutor(max_workers=1, thread_name_prefix="bd3-tests-early-serve")}
 _LANE: dict[str, str | None] = {}
 _MAKERS: dict[str, Callable[[Path], object]] = {}
 _ORDER: dict[str, tuple[int, int]] = {}

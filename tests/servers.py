@@ -38,7 +38,7 @@ def wait_healthy(proc, base, log, seconds: float = 300) -> None:
         try:
             if requests.get(f"{base}/health", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or not answering yet
             pass
         time.sleep(1)
     pytest.fail("server did not become healthy")

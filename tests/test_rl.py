@@ -230,7 +230,11 @@ def test_a_pool_of_two_engines_on_ray_trains_as_one_engine(vllm_rl_run, rollout_
 
 
 def test_a_pool_splits_prompts_contiguously_and_refuses_what_the_cluster_cannot_hold():
-    from ray_jobs.rollout_pool import PoolError, _resources, _split
+    from ray_jobs.cluster import ClusterError, one_device_each
+    from ray_jobs.rollout_pool import _split
+
+    def _resources(cluster, workers):
+        return one_device_each(cluster, workers, "--rollout-workers", "engine")
 
     for count in range(0, 9):
         for parts in range(1, 5):
@@ -240,9 +244,9 @@ def test_a_pool_splits_prompts_contiguously_and_refuses_what_the_cluster_cannot_
             assert len(ranges) <= parts and max(sizes, default=0) - min(sizes, default=0) <= 1
     cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 2.0})
     assert _resources(cluster, 2) == {"num_cpus": 1}
-    with pytest.raises(PoolError, match="--rollout-workers 3 needs 3 CPUs .* the Ray cluster has 2"):
+    with pytest.raises(ClusterError, match="--rollout-workers 3 needs 3 CPUs .* the Ray cluster has 2"):
         _resources(cluster, 3)
     gpus = SimpleNamespace(cluster_resources=lambda: {"CPU": 16.0, "GPU": 2.0})
     assert _resources(gpus, 2) == {"num_gpus": 1}
-    with pytest.raises(PoolError, match="needs 4 GPUs"):
+    with pytest.raises(ClusterError, match="needs 4 GPUs"):
         _resources(gpus, 4)

@@ -166,3 +166,54 @@ def test_a_default_config_built_after_the_checkpoints_keeps_its_block_size(monke
     hf_config.BD3HFConfig(block_size=16, vocab_size=70, architectures=["BD3LM"])
     hf_config.BD3HFConfig()
     assert (hf_config.ACTIVE_BLOCK_SIZE, hf_config.ACTIVE_VOCAB_SIZE) == (16, 70)
+
+
+# ---- bd3 serve --ray-replicas: the same vLLM arguments, in Ray Serve's config ----------------------------
+def replicas_call(monkeypatch, *argv) -> dict:
+    import ray_jobs.serve
+
+    seen = {}
+    monkeypatch.setattr(ray_jobs.serve, "serve_replicas", lambda *a: seen.setdefault("call", a))
+    assert cli.main(["serve", *argv]) == 0
+    return dict(zip(("checkpoint", "kwargs", "replicas", "address", "root"), seen["call"]))
+
+
+def test_ray_replicas_get_the_command_line_of_bd3_serve(monkeypatch, tmp_path):
+    from ray_jobs.serve import llm_config
+
+    ckpt = str(checkpoint_path(4))
+    argv = [ckpt, "--port", "8123", "--weight-update-root", str(tmp_path), "--", "--api-key", "K",
+            "--max-num-seqs", "4", "--served-model-name", "tiny"]
+    call = replicas_call(monkeypatch, "--ray-replicas", "2", *argv)
+    # What `bd3 serve` alone would exec, read by vLLM's own parser: what differs from its defaults.
+    kwargs = call["kwargs"]
+    assert kwargs == serve.engine_kwargs(serve_argv(monkeypatch, *argv))
+    assert (call["replicas"], call["address"], call["root"]) == (2, None, tmp_path.resolve())
+    assert kwargs == {"host": "127.0.0.1", "port": 8123, "dtype": "float32", "max_model_len": 128,
+                      "middleware": list(serve.MIDDLEWARE), "api_key": ["K"], "max_num_seqs": 4,
+                      "served_model_name": ["tiny"]}
+    del kwargs["host"], kwargs["port"]
+    config = llm_config(ckpt, kwargs, 2, {"num_cpus": 1}, tmp_path)
+    assert config.model_loading_config.model_id == "tiny" and config.model_loading_config.model_source == ckpt
+    assert "served_model_name" not in config.engine_kwargs and config.engine_kwargs["api_key"] == ["K"]
+    assert config.runtime_env["env_vars"][serve.WEIGHT_ROOT_ENV] == str(tmp_path)
+    assert config.deployment_config["num_replicas"] == 2
+    assert config.deployment_config["ray_actor_options"] == {"num_cpus": 0}  # the engine's bundle is its CPU
+    monkeypatch.setenv(serve.WEIGHT_ROOT_ENV, "/inherited")  # never reaches a replica without the flag
+    assert llm_config(ckpt, kwargs, 1, {"num_cpus": 1}, None).runtime_env["env_vars"][serve.WEIGHT_ROOT_ENV] == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ray-replicas", "0"], "--ray-replicas must be >= 1, got 0"),
+    (["--ray-address", "auto"], "--ray-address needs --ray-replicas"),
+    (["--ray-replicas", "2", "--", "--no-such-flag"], "vllm serve: unrecognized arguments: --no-such-flag"),
+    (["--ray-replicas", "2", "--", "--max-num-seqs", "many"],
+     "vllm serve: argument --max-num-seqs: invalid int value: 'many'"),
+])
+def test_ray_replicas_bad_input_is_one_line(monkeypatch, capsys, argv, message):
+    import ray_jobs.serve
+
+    monkeypatch.setattr(ray_jobs.serve, "serve_replicas", lambda *a: pytest.fail("must not start"))
+    monkeypatch.setattr(serve.os, "execve", lambda *a: pytest.fail("must not start"))
+    assert cli.main(["serve", str(checkpoint_path(4)), *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"bd3 serve: error: {message}"]

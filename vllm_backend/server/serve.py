@@ -53,6 +53,25 @@ def command(checkpoint: str, host: str | None, port: int | None, max_model_len: 
     return argv + list(extra)
 
 
+def engine_kwargs(argv: list[str]) -> dict:
+    """A `vllm serve` command line (as `command` makes it) as keyword arguments, by vLLM's attribute names:
+    every option that differs from vLLM's default, engine and front-end options alike (how Ray Serve's
+    `LLMConfig.engine_kwargs` takes them), and the host and port. The model is the caller's. An argument
+    vLLM refuses is a ValueError."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+    def refuse(message: str):
+        raise ValueError(f"vllm serve: {message}")
+
+    parser.error = refuse  # a ValueError (one line for the CLI), not argparse's usage and exit
+    args = vars(parser.parse_args(argv[2:]))
+    return {name: value for name, value in args.items()
+            if name in ("host", "port") or value != parser.get_default(name) and name not in ("model_tag", "model")}
+
+
 def _vllm_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -78,7 +97,12 @@ def exec_server(checkpoint: str, host: str | None, port: int | None, max_model_l
     argv = command(checkpoint, host, port, max_model_len, extra)
     env = environment(weight_update_root)
     print(" ".join(argv), file=sys.stderr)
-    if weight_update_root is not None and "--api-key" not in flag_names(extra) and not env.get("VLLM_API_KEY"):
+    warn_open_update(argv, env, weight_update_root)
+    os.execve(argv[0], argv, env)
+
+
+def warn_open_update(argv: list[str], env: dict, weight_update_root: Path | None) -> None:
+    """Warn on stderr when the update route is on and nothing asks for an API key."""
+    if weight_update_root is not None and "--api-key" not in flag_names(argv) and not env.get("VLLM_API_KEY"):
         print(f"warning: POST /bd3/update_weights (reading under {weight_update_root}) is open to anyone who "
               "can reach the server: give --api-key or VLLM_API_KEY", file=sys.stderr)
-    os.execve(argv[0], argv, env)

@@ -93,14 +93,21 @@ async def weight_routes(request, call_next):
         path, version = parse_update_request(await request.body())
     except ValueError as err:
         return error_response(str(err))
+    return await checked_update(request.app.state, root, path, version)
+
+
+async def checked_update(state, root: Path, path: str, version: str):
+    """Load `path` (under `root`) into the engine of the app whose state is `state`, under the label `version`:
+    the update route's checks and load, answered as the route answers (200, 400, 403). Also how the other
+    replicas of a Ray Serve deployment load an update one of them answered (ray_jobs/serve.py)."""
     source = inside_root(path, root)
     if source is None:
         return error_response(OUTSIDE_ROOT.format(root), "path", HTTPStatus.FORBIDDEN, "PermissionDeniedError")
     try:
-        check_source(source, bd3_config(request.app.state.vllm_config))
+        check_source(source, bd3_config(state.vllm_config))
     except (ValueError, WeightUpdateError) as err:  # CheckpointError is a ValueError
         return error_response(str(err))
-    return await _update(request.app.state.engine_client, str(source), version)
+    return await _update(state.engine_client, str(source), version)
 
 
 async def _update(engine, path: str, version: str):

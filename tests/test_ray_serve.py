@@ -1,0 +1,187 @@
+"""`bd3 serve CKPT --ray-replicas 2` on a local Ray instance: requests spread over both replicas, the same
+tokens as `bd3 serve` at temperature 0, the same validation and key, a weight update that reaches both
+replicas, and a replica killed under load (the route keeps answering; Serve restarts it on the latest
+weights). One server runs the whole scenario in a background thread (tests/early.py) and records it."""
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+import torch
+
+from bd3_plugin.core.checkpoint import load_checkpoint, save_checkpoint
+from bd3_plugin.tinyworld.data import checkpoint_path
+from early import early_fixture
+from servers import LAUNCHED, free_port, stop, wait_healthy
+
+BD3 = str(Path(sys.executable).with_name("bd3"))
+KEY = "bd3-replicas-key"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+MODEL = str(checkpoint_path(4))
+PROMPTS = ["<eos> the old cow", "<eos> some ships run . a", "<eos> a", "<eos> the"]
+LOAD_THREADS = 4  # clients sending requests while a replica is killed: at most this many are in flight on it
+
+
+def complete(base, prompt, stream=False, headers=HEADERS, **extra):
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "stream": stream} | extra
+    return requests.post(f"{base}/v1/completions", json=body, headers=headers, timeout=120)
+
+
+def tokens(r) -> list[int]:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def streamed_text(r) -> str:
+    import json
+
+    assert r.status_code == 200, r.text
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+    return "".join(json.loads(e)["choices"][0]["text"] for e in events if json.loads(e)["choices"])
+
+
+def replica(r) -> str:
+    return r.headers["x-bd3-replica"]
+
+
+def perturbed(folder: Path) -> Path:
+    """tiny-bd3-L4 with every tensor moved by seeded noise (same shapes, other tokens)."""
+    ck = load_checkpoint(checkpoint_path(4))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ck.model.parameters():
+            p.add_(0.3 * p.std().nan_to_num(0.0) * torch.randn(p.shape, generator=gen))
+    return save_checkpoint(ck.model, folder / "new", tokenizer=ck.tokenizer)
+
+
+def under_load(base, victim_pid: int, known: set, seconds: float = 420):
+    """Clients send requests in a loop; the victim replica's process is killed; they go on until a replica
+    not in `known` (the one Serve starts in its place) has answered. Returns what they saw."""
+    codes, seen, errors = collections.Counter(), collections.Counter(), []
+    done = threading.Event()
+
+    def loop(i):
+        while not done.is_set():
+            try:
+                r = complete(base, PROMPTS[i % len(PROMPTS)])
+                codes[r.status_code] += 1
+                if r.status_code == 200:
+                    seen[replica(r)] += 1
+                else:
+                    errors.append((r.status_code, r.text[:200]))
+            except requests.RequestException as err:
+                codes[type(err).__name__] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(LOAD_THREADS)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)  # every client has a request in flight
+        os.kill(victim_pid, signal.SIGKILL)
+        killed = time.time()
+        while time.time() - killed < seconds and not (set(seen) - known):
+            time.sleep(1)
+        restarted = time.time() - killed
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=150)
+    return SimpleNamespace(codes=codes, seen=seen, errors=errors, restarted=restarted)
+
+
+@early_fixture(lane="serve")
+def replicas_run(folder):
+    """The whole scenario on one `bd3 serve --ray-replicas 2`; every answer it needs, recorded."""
+    new = perturbed(folder)
+    port = free_port()
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen([BD3, "serve", MODEL, "--ray-replicas", "2", "--port", str(port),
+                             "--weight-update-root", str(folder), "--", "--api-key", KEY],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    LAUNCHED.append((proc, log))
+    base = f"http://127.0.0.1:{port}"
+    run = SimpleNamespace(log=Path(log.name))
+    try:
+        wait_healthy(proc, base, log, seconds=600)
+        with ThreadPoolExecutor(8) as pool:
+            run.before = list(pool.map(lambda p: complete(base, p), PROMPTS * 2))
+        run.streamed = complete(base, PROMPTS[0], stream=True)
+        run.refused = complete(base, PROMPTS[0], logit_bias={"1": 1})
+        run.no_key = requests.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "a"}, timeout=30)
+        run.update = requests.post(f"{base}/bd3/update_weights", json={"path": new.name, "version": "v2"},
+                                   headers=HEADERS, timeout=120)
+        with ThreadPoolExecutor(8) as pool:
+            run.after = list(pool.map(lambda p: complete(base, p), PROMPTS * 2))
+            run.versions = list(pool.map(lambda _: requests.get(f"{base}/bd3/weight_info", headers=HEADERS,
+                                                                timeout=60), range(8)))
+        known = {replica(r) for r in run.before + run.after}
+        run.victim = sorted(known)[0]
+        run.load = under_load(base, int(run.victim.rsplit(":", 1)[1]), known)
+        run.restarted_versions = [requests.get(f"{base}/bd3/weight_info", headers=HEADERS, timeout=60)
+                                  for _ in range(8)]
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        run.returncode = proc.wait(timeout=120)
+    finally:
+        stop(proc, log)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(replicas_run):
+    return replicas_run
+
+
+@pytest.mark.cluster
+@pytest.mark.server
+def test_requests_spread_over_both_replicas_with_the_tokens_of_bd3_serve(run, bd3_server):
+    assert {r.status_code for r in run.before} == {200}
+    assert len({replica(r) for r in run.before}) == 2, [replica(r) for r in run.before]
+    single = {p: tokens(complete(bd3_server.base, p, headers=bd3_server.headers)) for p in PROMPTS}
+    assert [tokens(r) for r in run.before] == [single[p] for p in PROMPTS * 2]
+    plain = requests.post(f"{bd3_server.base}/v1/completions", headers=bd3_server.headers, timeout=120,
+                          json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0,
+                                "ignore_eos": True, "stream": True})
+    assert streamed_text(run.streamed) == streamed_text(plain) != ""
+
+
+@pytest.mark.cluster
+@pytest.mark.server
+def test_replicas_refuse_what_bd3_serve_refuses(run):
+    assert run.refused.status_code == 400 and run.refused.json()["error"]["param"] == "logit_bias"
+    assert run.no_key.status_code == 401
+
+
+@pytest.mark.cluster
+@pytest.mark.server
+def test_a_weight_update_reaches_every_replica(run):
+    assert run.update.status_code == 200, run.update.text
+    assert {r.json()["weight_version"] for r in run.versions} == {"v2"}
+    assert len({replica(r) for r in run.versions + run.after}) == 2
+    after = [tokens(r) for r in run.after]
+    assert after != [tokens(r) for r in run.before]  # the new weights answer, on both replicas alike
+    assert after[: len(PROMPTS)] == after[len(PROMPTS):]
+
+
+@pytest.mark.cluster
+@pytest.mark.server
+def test_a_killed_replica_costs_only_its_requests_in_flight(run):
+    load = run.load
+    new = set(load.seen) - {replica(r) for r in run.before + run.after}
+    assert new, f"no restarted replica answered within {load.restarted:.0f} s; {load.codes}"
+    failed = sum(n for code, n in load.codes.items() if code != 200)
+    assert failed <= LOAD_THREADS and all(code >= 500 for code, _ in load.errors), load.errors
+    assert load.codes[200] > failed
+    # The restarted replica serves the latest update, as every other replica does.
+    assert {(r.status_code, r.json()["weight_version"]) for r in run.restarted_versions} == {(200, "v2")}
+    assert new & {replica(r) for r in run.restarted_versions} or len(new) == 1
+    assert run.returncode == 0, run.log.read_text()[-3000:]
