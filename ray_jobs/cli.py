@@ -10,6 +10,7 @@ table is OUT/results.csv and OUT/results.md, the plot OUT/plot.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ray_jobs.collect import markdown, plot, rows, write_table
-    from ray_jobs.cluster import ClusterError
+    from ray_jobs.cluster import ClusterError, disconnect
     from ray_jobs.launcher import auto_shards, run_sweep
 
     groups = task_groups(args.tasks)
@@ -85,11 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     try:
-        shards = auto_shards(args.address, args.num_cpus, args.gpus_per_unit) if args.shards == "auto" else args.shards
-        units = plan(args.checkpoints, groups, model_args=args.model_args, limit=args.limit,
-                     batch_size=args.batch_size, shards=shards)
-        counts = run_sweep(units, args.out, address=args.address, gpus_per_unit=args.gpus_per_unit,
-                           num_cpus=args.num_cpus, max_retries=args.max_retries)
+        # Ray prints its reports to the driver (a worker or a node lost, a task retried) on stdout, which is the
+        # table's: they go to stderr, and stop with Ray before the table is printed.
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                shards = (auto_shards(args.address, args.num_cpus, args.gpus_per_unit) if args.shards == "auto"
+                          else args.shards)
+                units = plan(args.checkpoints, groups, model_args=args.model_args, limit=args.limit,
+                             batch_size=args.batch_size, shards=shards)
+                counts = run_sweep(units, args.out, address=args.address, gpus_per_unit=args.gpus_per_unit,
+                                   num_cpus=args.num_cpus, max_retries=args.max_retries)
+            finally:
+                disconnect()
     except ClusterError as err:
         print(f"bd3-sweep: error: {err}", file=sys.stderr)
         return 2

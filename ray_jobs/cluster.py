@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 
 class ClusterError(RuntimeError):
@@ -43,3 +44,11 @@ def one_device_each(ray, count: int, flag: str, what: str) -> dict:
     if have < count:
         raise ClusterError(f"{flag} {count} needs {count} {kind}s (one per {what}); the Ray cluster has {have}")
     return {"num_gpus": 1} if kind == "GPU" else {"num_cpus": 1}
+
+
+def disconnect() -> None:
+    """Leave Ray if this process started or joined it (a local instance stops), and with it the thread that
+    prints Ray's reports."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

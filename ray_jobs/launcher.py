@@ -2,6 +2,7 @@
 retry units whose worker died, and never rerun a unit whose result is already on disk."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,13 +28,33 @@ def unit_gpus(resources: dict, gpus_per_unit: float | None) -> float:
     return 1 if resources.get("GPU", 0) else 0
 
 
+def _attempts(unit: Unit, out: str | Path) -> Path:
+    return Path(out) / "units" / unit.key / "attempts"
+
+
 def _remote_unit(unit: Unit, out: str, device: str) -> dict:
     import os
 
-    attempts = Path(out) / "units" / unit.key / "attempts"
-    attempts.mkdir(parents=True, exist_ok=True)
-    (attempts / f"{os.uname().nodename}-{os.getpid()}").touch()  # provenance: one file per attempt
+    import ray
+
+    # Provenance, one file per attempt: the Ray node, since the nodes of a cluster may share a host name.
+    where = {"node": ray.get_runtime_context().get_node_id(), "host": os.uname().nodename, "pid": os.getpid()}
+    write_atomic(_attempts(unit, out) / f"{where['host']}-{where['pid']}", where)
     return run_unit(unit, out, device)
+
+
+def _attempt_files(unit: Unit, out: str | Path) -> set[Path]:
+    folder = _attempts(unit, out)
+    return set(folder.glob("[!.]*")) if folder.is_dir() else set()  # not a temporary file of write_atomic
+
+
+def _retried(files: set[Path]) -> str:
+    """'' for one attempt; else how many, and on which nodes, oldest first (a node id's first 8 digits)."""
+    if len(files) < 2:
+        return ""
+    nodes = [json.loads(f.read_text() or "{}").get("node") or "?"
+             for f in sorted(files, key=lambda f: f.stat().st_mtime_ns)]
+    return f"; {len(files)} attempts, on nodes {', '.join(n[:8] for n in nodes)}"
 
 
 def run_sweep(units: list[Unit], out: Path, *, address: str | None = None, gpus_per_unit: float | None = None,
@@ -47,6 +68,7 @@ def run_sweep(units: list[Unit], out: Path, *, address: str | None = None, gpus_
     per_unit = unit_gpus(ray.cluster_resources(), gpus_per_unit)
     device = "cuda" if per_unit else "cpu"
     task = ray.remote(num_cpus=1, num_gpus=per_unit, max_retries=max_retries)(_remote_unit)
+    earlier = {u: _attempt_files(u, out) for u in pending}  # of earlier sweeps into the same folder
     refs = {task.remote(u, str(out), device): u for u in pending}
     started = time.time()
     while refs:
@@ -63,6 +85,7 @@ def run_sweep(units: list[Unit], out: Path, *, address: str | None = None, gpus_
             counts["done" if ok else "failed"] += 1
             if progress:
                 print(f"[{time.time() - started:6.1f}s] {'done' if ok else 'FAILED'} {unit.key}  "
-                      f"(done {counts['done']}, running {len(refs)}, failed {counts['failed']})",
+                      f"(done {counts['done']}, running {len(refs)}, failed {counts['failed']}"
+                      f"{_retried(_attempt_files(unit, out) - earlier[unit])})",
                       file=sys.stderr, flush=True)
     return counts

@@ -45,6 +45,14 @@ def attempts(out, unit):
     return len(list(folder.iterdir())) if folder.is_dir() else 0
 
 
+def attempt_records(out, unit) -> list[dict]:
+    """The unit's attempts, oldest first, each {"node": Ray node id, "host", "pid"} (a file still being
+    written is left out)."""
+    folder = unit.result_path(out).parent / "attempts"
+    files = sorted(folder.glob("[!.]*"), key=lambda f: f.stat().st_mtime_ns) if folder.is_dir() else []
+    return [json.loads(f.read_text()) for f in files]
+
+
 def table(out):
     with (out / "results.csv").open() as f:
         return {(r["checkpoint"], r["task"], r["metric"]): r for r in csv.DictReader(f)}
@@ -210,7 +218,8 @@ def synchronous_ray(calls: list):
             return types.SimpleNamespace(remote=lambda unit, *args: calls.append(unit) or Done(fn(unit, *args)))
         return wrap
     return types.SimpleNamespace(init=lambda **kw: None, cluster_resources=lambda: {"CPU": 2.0}, remote=remote,
-                                 wait=lambda refs, num_returns: (refs[:1], refs[1:]), get=lambda ref: ref.value)
+                                 wait=lambda refs, num_returns: (refs[:1], refs[1:]), get=lambda ref: ref.value,
+                                 get_runtime_context=lambda: types.SimpleNamespace(get_node_id=lambda: "this process"))
 
 
 @pytest.mark.cluster
@@ -230,6 +239,7 @@ def test_a_sharded_sweep_resumes_per_shard(bad_checkpoints_sweep, tmp_path, monk
     assert calls == [shards[1]] and shards[0].result_path(resumed).stat().st_mtime_ns == kept
     assert json.loads(shards[1].result_path(resumed).read_text())["tasks"] == written["tasks"]
     assert attempts(resumed, shards[0]) == 1 and attempts(resumed, shards[1]) == 2
+    assert attempt_records(resumed, shards[1])[-1]["node"] == "this process"  # the node id the stand-in gives
 
 
 def one_line_error(capsys, argv) -> str:
@@ -246,7 +256,7 @@ def no_ray(monkeypatch):
     """Fails the test if the sweep calls ray.init (to start or join a cluster)."""
     def init(**kwargs):
         raise AssertionError(f"ray.init{kwargs}")
-    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=init))
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(init=init, is_initialized=lambda: False))
 
 
 def test_bad_input_before_ray_starts_is_one_line(capsys, tmp_path, no_ray):
