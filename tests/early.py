@@ -50,7 +50,7 @@ def shutdown() -> None:
 def early_fixture(fn: Callable[[Path], object] | None = None, *, order: int = 0, lane: str | None = None):
     """A session fixture `fn.__name__` whose value is `fn(folder)`, computed in the background thread.
     `@early_fixture(order=1)` starts after the order-0 ones (a server, which costs CPU while it waits);
-    `@early_fixture(lane="ray")` for set-up that starts a local Ray instance."""
+    `@early_fixture(lane="ray")` for set-up that starts a local Ray instance or cluster."""
     if fn is None:
         return lambda f: early_fixture(f, order=order, lane=lane)
     _MAKERS[fn.__name__] = fn

@@ -1,8 +1,10 @@
-"""`bd3-sweep` on a local Ray instance: the merged table of a sweep in which a worker was killed, an interrupted
-sweep, bad input (the mistakes caught before Ray starts are checked through `main(argv)` in this process)."""
+"""`bd3-sweep` on Ray: a sharded sweep on a cluster of three nodes (tests/local_cluster.py) that loses a worker
+node, an interrupted sweep and a sweep with a failing unit on local instances, bad input (the mistakes caught
+before Ray starts are checked through `main(argv)` in this process)."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +19,7 @@ from bd3_plugin.core.checkpoint import read_config
 from bd3_plugin.core.config import ConfigError
 from bd3_plugin.tinyworld.data import checkpoint_path
 from early import early_fixture
+from local_cluster import LocalCluster
 from ray_jobs import cluster, launcher
 from ray_jobs.cli import main
 from ray_jobs.plan import Unit, plan, split, status
@@ -28,12 +31,22 @@ TASKS = ["synthetic_ppl", "synthetic_mc"]
 COMMON = ["--tasks", *TASKS, "--limit", "8", "--num-cpus", "2", "--model-args", "mc_samples=2"]
 
 
+# One unit of three tasks, one per kind of metric: summed log-likelihoods over counts, accuracies, and the
+# zero-shot protocol's rows (corpora of 20 documents); four documents of each.
+SHARDED = Unit(CKPTS[1], ("synthetic_ppl", "synthetic_mc", "synthetic_ppl_rows_batched"), "mc_samples=2", limit=4)
+
+
 def sweep(out, *extra, checkpoints=CKPTS, popen=False, env=None):
     argv = [SWEEP, "--checkpoints", *checkpoints, "--out", str(out), *COMMON, *extra]
     if popen:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     return subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
+
+
+def sharded(shards: int) -> list[str]:
+    """The arguments that make `sweep` run SHARDED's tasks in `shards` shards."""
+    return ["--tasks", ",".join(SHARDED.tasks), "--limit", str(SHARDED.limit), "--shards", str(shards)]
 
 
 def units(out=None):
@@ -69,48 +82,82 @@ def wait_for(predicate, seconds=300):
 
 
 @early_fixture(lane="ray")
-def killed_sweep(folder):
-    """One sweep whose first worker to start a unit is killed in the middle of it: (out folder, the killed
-    unit, stdout, stderr, exit status). Run early (tests/early.py), as are the other sweeps."""
+def node_loss_sweep(folder):
+    """SHARDED in three shards on a cluster of a head and two worker nodes of one CPU each: the worker node
+    that the first shard starts on is killed (its raylet, object store and workers, at once) while that shard
+    runs. Its namespace: out, the shard (`lost`), the `killed` and `surviving` node ids, stdout, stderr and
+    the exit status."""
     out = folder / "sweep"
-    proc = sweep(out, popen=True)
-    try:
-        first = wait_for(lambda: next((u for u in units() if attempts(out, u)), None))
-        pid = int(next((first.result_path(out).parent / "attempts").iterdir()).name.rsplit("-", 1)[1])
-        os.kill(pid, signal.SIGKILL)  # the worker dies in the middle of its unit
-        stdout, stderr = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return out, first, stdout, stderr, proc.returncode
+    shards = split(SHARDED, 3)
+    with LocalCluster(folder, workers=2) as cluster:
+        proc = sweep(out, *sharded(3), "--address", cluster.address, checkpoints=[SHARDED.checkpoint], popen=True,
+                     env=cluster.driver_env)
+        try:
+            def started():
+                return next(((u, tries[0]["node"]) for u in shards if (tries := attempt_records(out, u))
+                             and tries[0]["node"] in cluster.workers and not u.result_path(out).exists()), None)
+            lost, killed = wait_for(started)
+            cluster.kill(killed)
+            stdout, stderr = proc.communicate(timeout=900)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    (surviving,) = set(cluster.workers) - {killed}
+    return types.SimpleNamespace(out=out, lost=lost, killed=killed, surviving=surviving, stdout=stdout,
+                                 stderr=stderr, returncode=proc.returncode)
 
 
 @pytest.mark.cluster
 @pytest.mark.cli
-def test_a_killed_worker_is_retried_and_nothing_is_recomputed(killed_sweep):
-    out, first, _, err, returncode = killed_sweep
-    assert returncode == 0, err[-3000:]
-    assert all(status(u, out) == "done" for u in units())
-    assert attempts(out, first) == 2 and all(attempts(out, u) == 1 for u in units() if u != first)
-    assert len([k for k in table(out) if k[2] in ("word_perplexity", "acc")]) == 4
+def test_a_lost_nodes_shard_finishes_on_the_surviving_node(node_loss_sweep):
+    s = node_loss_sweep
+    assert s.returncode == 0, s.stderr[-3000:]
+    shards = split(SHARDED, 3)
+    assert sorted(p.name for p in (s.out / "units").iterdir()) == sorted(u.key for u in shards)
+    for u in shards:
+        # one whole result each (a torn one would not parse), no temporary file of an unfinished write left
+        assert sorted(p.name for p in u.result_path(s.out).parent.iterdir()) == ["attempts", "result.json"]
+        result = json.loads(u.result_path(s.out).read_text())
+        tries = attempt_records(s.out, u)
+        # the lost shard ran again on the surviving node; nothing else ran twice or on the killed node
+        assert [t["node"] for t in tries] == ([s.killed, s.surviving] if u == s.lost else [s.surviving]), u.key
+        assert result["status"] == "ok" and result["pid"] == tries[-1]["pid"]  # written by the last attempt
+    progress = [line for line in s.stderr.splitlines() if re.match(r"\[ *[\d.]+s\] ", line)]
+    assert len(progress) == 3 and all(" done " in line for line in progress), progress
+    (retried,) = [line for line in progress if "attempts" in line]
+    assert s.lost.key in retried and retried.endswith(f"; 2 attempts, on nodes {s.killed[:8]}, {s.surviving[:8]})")
+    assert "(raylet)" in s.stderr  # Ray's own report of the lost node, kept out of the table's stream
+    assert s.stdout == (s.out / "results.md").read_text()
+    assert s.stdout.startswith("| checkpoint | block_size |") and "| true_word_perplexity |" in s.stdout
+    assert (s.out / "plot.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="session")
+def whole_run(tmp_path_factory):
+    """SHARDED run whole, without Ray: lm-eval's own metrics of the whole tasks."""
+    whole = run_unit(SHARDED, tmp_path_factory.mktemp("whole"))
+    assert whole["status"] == "ok", whole.get("traceback")
+    return whole
+
+
+def assert_table_equals(out, whole: dict, shards: int) -> None:
+    """The sweep's merged table of SHARDED in `shards` shards holds `whole`'s metrics: every value to 1e-9,
+    every stderr the same number."""
+    merged = {(r["task"], r["metric"]): r for r in table(out).values() if r["checkpoint"] == "tiny-bd3-L4"}
+    assert len(merged) == len(whole["metrics"]) == 7
+    for m in whole["metrics"]:
+        row = merged[(m["task"], m["metric"])]
+        assert float(row["value"]) == pytest.approx(m["value"], rel=1e-9, abs=0), m
+        assert (row["stderr"] or None) == (None if m["stderr"] is None else str(m["stderr"])), m
+        assert row["shards"] == str(shards) and row["status"] == "ok"
+        assert int(row["block_size"]) == whole["block_size"]
+    assert any(m["stderr"] for m in whole["metrics"])  # a stderr other than N/A or 0 is compared too
 
 
 @pytest.mark.cluster
 @pytest.mark.cli
-def test_sweep_table_equals_the_units_run_without_ray(killed_sweep, tmp_path):
-    out, _, stdout, err, returncode = killed_sweep
-    assert returncode == 0, err[-3000:]
-    merged = table(out)
-    for unit in units():
-        plain = run_unit(unit, tmp_path / "plain")  # the same function, no Ray
-        assert plain["status"] == "ok"
-        for m in plain["metrics"]:
-            row = merged[(Path(unit.checkpoint).name, m["task"], m["metric"])]
-            assert float(row["value"]) == pytest.approx(m["value"], rel=1e-9)
-            assert int(row["block_size"]) == plain["block_size"]
-    assert (out / "results.md").read_text().startswith("| checkpoint | block_size |")
-    assert (out / "plot.png").stat().st_size > 1000
-    assert "word_perplexity" in stdout and "true_word_perplexity" in stdout
+def test_the_table_of_a_sweep_that_lost_a_node_equals_the_unsharded_run(node_loss_sweep, whole_run):
+    assert_table_equals(node_loss_sweep.out, whole_run, shards=3)
 
 
 @early_fixture(lane="ray")
@@ -142,11 +189,6 @@ def test_an_interrupted_sweep_finishes_only_the_missing_units(interrupted_sweep)
     assert f"{len(units()) - len(finished)} run now" in r.stderr
 
 
-# One unit of three tasks, one per kind of metric: summed log-likelihoods over counts, accuracies, and the
-# zero-shot protocol's rows (corpora of 20 documents); four documents of each.
-SHARDED = Unit(CKPTS[1], ("synthetic_ppl", "synthetic_mc", "synthetic_ppl_rows_batched"), "mc_samples=2", limit=4)
-
-
 @early_fixture(lane="ray")
 def bad_checkpoints_sweep(folder):
     """A checkpoint whose config reads but whose weights are missing (found only when its unit loads it) beside
@@ -157,8 +199,7 @@ def bad_checkpoints_sweep(folder):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(CKPTS[1]) / name, no_weights / name)
     out = folder / "sweep"
-    argv = ["--tasks", ",".join(SHARDED.tasks), "--limit", str(SHARDED.limit), "--shards", "2"]
-    return out, sweep(out, *argv, checkpoints=[str(no_weights), SHARDED.checkpoint],
+    return out, sweep(out, *sharded(2), checkpoints=[str(no_weights), SHARDED.checkpoint],
                       env=os.environ | {"RAY_ADDRESS": "127.0.0.1:1"})
 
 
@@ -172,32 +213,26 @@ def test_a_failing_unit_is_recorded_and_the_others_run_on_a_new_local_instance(b
     error = rows[("no-weights", "synthetic_ppl", "error")]["value"]
     assert error.startswith("shard 1/2: CheckpointError: no model.safetensors"), error
     assert rows[("tiny-bd3-L4", "synthetic_ppl", "word_perplexity")]["status"] == "ok"
+    # an application error is not a lost worker: each failing shard ran once and is reported once
+    for unit in plan([str(out.parent / "no-weights")], [list(SHARDED.tasks)], model_args=SHARDED.model_args,
+                     limit=SHARDED.limit, shards=2):
+        result = json.loads(unit.result_path(out).read_text())
+        assert result["status"] == "error" and result["error"].startswith("CheckpointError: no model.safetensors")
+        assert attempts(out, unit) == 1 and r.stderr.count(f"FAILED {unit.key} ") == 1, unit.key
 
 
 @pytest.mark.cluster
 @pytest.mark.cli
-def test_sharded_table_equals_the_unsharded_run(bad_checkpoints_sweep, tmp_path):
-    out = bad_checkpoints_sweep[0]
-    whole = run_unit(SHARDED, tmp_path)  # lm-eval's own metrics of the whole tasks, no Ray
-    assert whole["status"] == "ok", whole.get("traceback")
-    merged = {(r["task"], r["metric"]): r for r in table(out).values() if r["checkpoint"] == "tiny-bd3-L4"}
-    assert len(merged) == len(whole["metrics"]) == 7
-    for m in whole["metrics"]:
-        row = merged[(m["task"], m["metric"])]
-        assert float(row["value"]) == pytest.approx(m["value"], rel=1e-9, abs=0), m
-        assert (row["stderr"] or None) == (None if m["stderr"] is None else str(m["stderr"])), m
-        assert row["shards"] == "2" and row["status"] == "ok"
-    assert any(m["stderr"] for m in whole["metrics"])  # a stderr other than N/A or 0 is compared too
+def test_sharded_table_equals_the_unsharded_run(bad_checkpoints_sweep, whole_run):
+    assert_table_equals(bad_checkpoints_sweep[0], whole_run, shards=2)
 
 
 @pytest.mark.cluster
 @pytest.mark.cli
-def test_a_document_scores_the_same_in_any_shard(bad_checkpoints_sweep, tmp_path):
-    """Document 1 shares a shard with document 0 in the sweep's split in two, and is alone in a split in three."""
-    out = bad_checkpoints_sweep[0]
-    in_two = json.loads(split(SHARDED, 2)[0].result_path(out).read_text())
-    alone = run_unit(split(SHARDED, 3)[1], tmp_path)
-    assert alone["status"] == "ok", alone.get("traceback")
+def test_a_document_scores_the_same_in_any_shard(bad_checkpoints_sweep, node_loss_sweep):
+    """Document 1 shares a shard with document 0 in a split in two, and is alone in a split in three."""
+    in_two = json.loads(split(SHARDED, 2)[0].result_path(bad_checkpoints_sweep[0]).read_text())
+    alone = json.loads(split(SHARDED, 3)[1].result_path(node_loss_sweep.out).read_text())
     for task, record in alone["tasks"].items():
         (doc,) = record["docs"]
         assert doc["doc_id"] == 1
