@@ -19,13 +19,13 @@ REPLICA_ENV = ("VLLM_CPU_KVCACHE_SPACE", "TOKENIZERS_PARALLELISM", "VLLM_API_KEY
 
 
 def llm_config(checkpoint: str, kwargs: dict, replicas: int, resources: dict, weight_update_root: Path | None):
-    """Ray Serve's LLMConfig for `bd3 serve`'s vLLM arguments `kwargs` (vllm_backend.server.serve.engine_kwargs,
-    without the host and port)."""
+    """Ray Serve's LLMConfig for `bd3 serve`'s vLLM arguments `kwargs` (vllm_backend.server.serve.engine_kwargs;
+    the host and port are Serve's, not a replica's)."""
     from ray.serve.llm import LLMConfig
 
     from vllm_backend.server.serve import WEIGHT_ROOT_ENV, environment
 
-    kwargs = dict(kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("host", "port")}
     name = (kwargs.pop("served_model_name", None) or [checkpoint])[0]  # LLMConfig names the model itself
     env = {k: v for k, v in environment(weight_update_root).items() if k in REPLICA_ENV}
     # Always set: a replica of a local instance would otherwise inherit the variable from this process.
@@ -44,8 +44,7 @@ def deploy(checkpoint: str, kwargs: dict, replicas: int, address: str | None,
     (vllm_backend.server.serve.engine_kwargs) and wait until every one answers; returns the route's base URL."""
     from ray_jobs.cluster import connect, one_device_each
 
-    kwargs = dict(kwargs)
-    host, port = kwargs.pop("host"), kwargs.pop("port")
+    host, port = kwargs["host"], kwargs["port"]
     ray = connect(address, None)
     resources = one_device_each(ray, replicas, "--ray-replicas", "replica")
     from ray import serve
@@ -81,6 +80,11 @@ def serve_replicas(checkpoint: str, kwargs: dict, replicas: int, address: str | 
         import ray
         from ray import serve
 
-        if ray.is_initialized():
-            serve.delete(APP) if address else serve.shutdown()
-            ray.shutdown()
+        from ray_jobs.cluster import disconnect
+
+        if ray.is_initialized():  # a joined cluster keeps its Serve; a local instance stops with this process
+            if address:
+                serve.delete(APP)
+            else:
+                serve.shutdown()
+        disconnect()

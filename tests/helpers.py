@@ -24,6 +24,15 @@ def random_model(cfg: BD3Config | None = None, seed: int = 0) -> BD3LM:
     return model.to(torch.get_default_device()).eval()
 
 
+def perturb(model: BD3LM, seed: int = 0) -> BD3LM:
+    """Every tensor moved by seeded noise (0.3 of its spread): same shapes, other weights, other tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * p.std().nan_to_num(0.0) * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def ar_logprobs(model: BD3LM, context: list[int], tokens: list[int]) -> list[float]:
     """log p(token_i | context, tokens_<i) of an L' = 1 model, one forward per token with a mask in the
     token's slot: the exact AR log-probabilities, computed independently of the NELBO code."""

@@ -14,11 +14,11 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-import torch
 
 from bd3_plugin.core.checkpoint import load_checkpoint, save_checkpoint
 from bd3_plugin.tinyworld.data import checkpoint_path
 from early import early_fixture
+from helpers import perturb
 from servers import LAUNCHED, free_port, stop, wait_healthy
 
 BD3 = str(Path(sys.executable).with_name("bd3"))
@@ -55,11 +55,7 @@ def replica(r) -> str:
 def perturbed(folder: Path) -> Path:
     """tiny-bd3-L4 with every tensor moved by seeded noise (same shapes, other tokens)."""
     ck = load_checkpoint(checkpoint_path(4))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ck.model.parameters():
-            p.add_(0.3 * p.std().nan_to_num(0.0) * torch.randn(p.shape, generator=gen))
-    return save_checkpoint(ck.model, folder / "new", tokenizer=ck.tokenizer)
+    return save_checkpoint(perturb(ck.model), folder / "new", tokenizer=ck.tokenizer)
 
 
 def under_load(base, victim_pid: int, seconds: float = 8):

@@ -192,8 +192,8 @@ def test_ray_replicas_get_the_command_line_of_bd3_serve(monkeypatch, tmp_path):
     assert kwargs == {"host": "127.0.0.1", "port": 8123, "dtype": "float32", "max_model_len": 128,
                       "middleware": list(serve.MIDDLEWARE), "api_key": ["K"], "max_num_seqs": 4,
                       "served_model_name": ["tiny"]}
-    del kwargs["host"], kwargs["port"]
     config = llm_config(ckpt, kwargs, 2, {"num_cpus": 1}, tmp_path)
+    assert not {"host", "port"} & set(config.engine_kwargs)  # Serve's HTTP options, not a replica's
     assert config.model_loading_config.model_id == "tiny" and config.model_loading_config.model_source == ckpt
     assert "served_model_name" not in config.engine_kwargs and config.engine_kwargs["api_key"] == ["K"]
     assert config.runtime_env["env_vars"][serve.WEIGHT_ROOT_ENV] == str(tmp_path)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from bd3_plugin.core.checkpoint import WEIGHTS, CheckpointError, load_checkpoint, read_config, save_checkpoint
 from bd3_plugin.tinyworld.data import checkpoint_path
 from engines import L4_OWN_PROCESSES
+from helpers import perturb
 from servers import vllm_app
 from vllm_backend.worker.weights import check_source
 from vllm_backend.server.serve import WEIGHT_ROOT_ENV, environment
@@ -31,11 +32,7 @@ def ckpts(tmp_path_factory):
     """tiny-bd3-L4, a perturbed copy (same shapes, other weights), and bad sources made from the copy."""
     root = tmp_path_factory.mktemp("weights")
     ck = load_checkpoint(checkpoint_path(4))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in ck.model.parameters():
-            p.add_(0.3 * p.std().nan_to_num(0.0) * torch.randn(p.shape, generator=gen))
-    new = save_checkpoint(ck.model, root / "new", tokenizer=ck.tokenizer)
+    new = save_checkpoint(perturb(ck.model), root / "new", tokenizer=ck.tokenizer)
     state = load_file(str(new / WEIGHTS))
     drop, shrink = sorted(state)[:2]
     bad = {k: v for k, v in state.items() if k != drop} | {shrink: state[shrink][:1].clone(), EXTRA: torch.zeros(2)}

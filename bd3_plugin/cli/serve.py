@@ -47,7 +47,7 @@ def run(args) -> dict:
         if not root.is_dir():
             raise UsageError(f"--weight-update-root {args.weight_update_root} is not a folder")
     try:
-        from vllm_backend.server.serve import command, exec_server
+        from vllm_backend.server.serve import command, engine_kwargs, environment, exec_server, warn_open_update
     except ImportError as err:
         raise UsageError(f"vLLM is not installed ({err}); install bd3-plugin[cpu] or bd3-plugin[gpu]") from None
     if args.ray_replicas is None:
@@ -63,8 +63,6 @@ def run(args) -> dict:
         from ray_jobs.serve import serve_replicas
     except ImportError as err:
         raise UsageError(f"--ray-replicas needs Ray Serve ({err}); install bd3-plugin[ray]") from None
-    from vllm_backend.server.serve import engine_kwargs, environment, warn_open_update
-
     with user_input():  # as above, and an argument vLLM's parser refuses: before Ray starts
         argv = command(checkpoint, args.host, args.port, args.max_model_len, extra)
         kwargs = engine_kwargs(argv)

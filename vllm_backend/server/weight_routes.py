@@ -99,7 +99,7 @@ async def weight_routes(request, call_next):
 async def checked_update(state, root: Path, path: str, version: str):
     """Load `path` (under `root`) into the engine of the app whose state is `state`, under the label `version`:
     the update route's checks and load, answered as the route answers (200, 400, 403). Also how the other
-    replicas of a Ray Serve deployment load an update one of them answered (ray_jobs/serve.py)."""
+    replicas of a Ray Serve deployment load an update one of them answered (ray_jobs/replica.py)."""
     source = inside_root(path, root)
     if source is None:
         return error_response(OUTSIDE_ROOT.format(root), "path", HTTPStatus.FORBIDDEN, "PermissionDeniedError")
