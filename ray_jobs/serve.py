@@ -82,9 +82,8 @@ def serve_replicas(checkpoint: str, kwargs: dict, replicas: int, address: str | 
 
         from ray_jobs.cluster import disconnect
 
-        if ray.is_initialized():  # a joined cluster keeps its Serve; a local instance stops with this process
-            if address:
-                serve.delete(APP)
-            else:
-                serve.shutdown()
+        # A joined cluster keeps its Serve and loses this app. A local instance stops whole with Ray: Serve's own
+        # shutdown would first wait for every replica to stop gracefully, one that is still starting included.
+        if address and ray.is_initialized():
+            serve.delete(APP)
         disconnect()
